@@ -1,0 +1,5 @@
+"""Image encoders: a registry over timm. This package imports nothing else from the project."""
+
+from encoders.registry import ImageEncoder, create_encoder, list_encoders, register_encoder
+
+__all__ = ["ImageEncoder", "create_encoder", "list_encoders", "register_encoder"]

@@ -1,0 +1,131 @@
+"""Image encoders in timm's manner: a registry plus `create_encoder(name, pretrained=False, **overrides)`.
+
+Any timm model name works (ViTs first: `vit_tiny_patch16_224`, `vit_base_patch16_siglip_224`, ...); names
+registered here with `@register_encoder` take precedence. Every encoder exposes the same small interface:
+`forward(pixels) -> (B, N, C)` tokens, `num_features` (C), `num_tokens` (N), `grid_size` and
+`data_config` (input size, mean, std, interpolation), read from the model itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_encoder(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Registers a constructor `fn(pretrained: bool, **overrides) -> timm-style model` under its name."""
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_encoders(pattern: str = "") -> list[str]:
+    """Names accepted by `create_encoder`: registered ones, then timm's (filtered by a wildcard pattern)."""
+    return sorted(_REGISTRY) + timm.list_models(pattern or "*")
+
+
+class ImageEncoder(nn.Module):
+    """Wraps a timm model and returns the hidden states of one layer as a token sequence.
+
+    Features are the chosen block's output without the final norm, exactly what LLaVA reads from a
+    transformers vision tower's `hidden_states[feature_layer]`. Blocks after that layer are removed.
+    """
+
+    def __init__(self, model: nn.Module, feature_layer: int = -1, keep_prefix_tokens: bool = False):
+        super().__init__()
+        is_vit = hasattr(model, "blocks") and hasattr(model, "patch_embed")
+        # ViTs count blocks; other timm models count the stages their forward_intermediates can return.
+        num_blocks = len(model.blocks) if is_vit else len(getattr(model, "stage_ends", model.feature_info))
+        if feature_layer == 0 or not -num_blocks <= feature_layer <= num_blocks:
+            raise ValueError(
+                f"feature_layer must be in -{num_blocks}..-1 or 1..{num_blocks} for this encoder, got {feature_layer}"
+            )
+        # hidden_states[k] (k >= 1) is block k-1's output; negative k counts from the end, as in LLaVA.
+        self.block_index = num_blocks + feature_layer if feature_layer < 0 else feature_layer - 1
+        model.prune_intermediate_layers(indices=[self.block_index], prune_norm=True, prune_head=True)
+        self.model = model
+        self.num_prefix_tokens = getattr(model, "num_prefix_tokens", 0)
+        self.keep_prefix_tokens = keep_prefix_tokens and self.num_prefix_tokens > 0
+        self.data_config = self._data_config(model)
+        self.num_features, self.grid_size = self._feature_shape()
+        self.num_tokens = self.grid_size[0] * self.grid_size[1] + (self.num_prefix_tokens if self.keep_prefix_tokens else 0)
+
+    @staticmethod
+    def _data_config(model: nn.Module) -> dict[str, Any]:
+        cfg = timm.data.resolve_model_data_config(model)
+        # timm's pretrained config keeps its own input size even when `img_size` was overridden.
+        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if img_size is not None:
+            cfg["input_size"] = (3, *img_size)
+        return {k: cfg[k] for k in ("input_size", "mean", "std", "interpolation")}
+
+    @torch.no_grad()
+    def _feature_shape(self) -> tuple[int, tuple[int, int]]:
+        """(channels, (h, w)) of the chosen layer: read from a ViT, or from one dry run otherwise."""
+        grid = getattr(getattr(self.model, "patch_embed", None), "grid_size", None)
+        if grid is not None and hasattr(self.model, "embed_dim"):
+            return self.model.embed_dim, tuple(grid)
+        was_training = self.training
+        self.eval()
+        x = torch.zeros(1, *self.data_config["input_size"])
+        out = self._intermediates(x)[0]
+        self.train(was_training)
+        c, h, w = (out[0] if isinstance(out, tuple) else out).shape[-3:]
+        return c, (h, w)
+
+    def _intermediates(self, pixels: torch.Tensor) -> list[Any]:
+        kw = {"return_prefix_tokens": True} if self.keep_prefix_tokens else {}
+        return self.model.forward_intermediates(pixels, indices=[self.block_index], intermediates_only=True, **kw)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels -> (B, N, C) tokens; prefix tokens (if kept) come first."""
+        out = self._intermediates(pixels)[0]
+        prefix = None
+        if self.keep_prefix_tokens:
+            out, prefix = out
+        tokens = out.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
+        return tokens if prefix is None else torch.cat([prefix, tokens], dim=1)
+
+
+def create_encoder(
+    name: str,
+    pretrained: bool = False,
+    *,
+    weights: str | Path | None = None,
+    feature_layer: int = -1,
+    keep_prefix_tokens: bool = False,
+    **overrides: Any,
+) -> ImageEncoder:
+    """Builds an encoder by name.
+
+    Args:
+        name: A registered encoder or any timm model name.
+        pretrained: Load the published weights by name (needs the model hub).
+        weights: Load weights from this local file instead (.safetensors or a torch state dict).
+        feature_layer: Which hidden state to return (-1 last block, -2 penultimate, k >= 1 block k).
+        keep_prefix_tokens: Keep class/register tokens in the output.
+        overrides: Keyword arguments for the model's constructor, e.g. `img_size=384`.
+    """
+    kwargs: dict[str, Any] = {"num_classes": 0, **overrides}
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise ValueError(f"encoder weights file not found: {weights}")
+        # timm loads (and adapts, e.g. position embeddings for another img_size) a local file this way.
+        kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
+        pretrained = True
+    if name in _REGISTRY:
+        model = _REGISTRY[name](pretrained=pretrained, **kwargs)
+    else:
+        if not timm.is_model(name):
+            raise ValueError(f"unknown encoder {name!r}: not registered and not a timm model name")
+        try:
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        except TypeError as e:
+            raise ValueError(f"bad encoder override for {name}: {e}") from e
+    return ImageEncoder(model, feature_layer=feature_layer, keep_prefix_tokens=keep_prefix_tokens)

@@ -1,0 +1,1 @@
+"""Evaluation benchmarks and metrics for the vlm toolkit."""

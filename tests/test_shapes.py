@@ -1,0 +1,294 @@
+"""Tests for the Sort-of-CLEVR generator (eval/shapes.py).
+
+The central check re-derives every object from the rendered pixels (colour mask -> centroid, and square vs circle by
+whether the mask fills its bounding box) and recomputes every answer from that, so the answers are checked against
+the pictures rather than against the generator's own bookkeeping.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from eval.shapes import (
+    COLOR_NAMES,
+    COLORS,
+    IMAGE_SIZE,
+    NON_RELATIONAL_SUBTYPES,
+    RELATIONAL_SUBTYPES,
+    SPLITS,
+    answer_question,
+    caption_for_scene,
+    generate_shapes,
+    questions_for_scene,
+    random_scene,
+    render_scene,
+    scene_for,
+)
+
+COUNTS = {"train": 6, "val": 3, "test": 3}
+SEED = 7
+WHITE = (255, 255, 255)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("shapes")
+    summary = generate_shapes(out, seed=SEED, **COUNTS)
+    return out, summary
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _all_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _pixel_objects(img: Image.Image) -> dict[str, dict]:
+    """Find each colour's object in an image: centroid (continuous coordinates) and shape, from pixels only."""
+    a = np.asarray(img.convert("RGB")).astype(np.int16)
+    known = np.zeros(a.shape[:2], dtype=bool)
+    objects = {}
+    for name, rgb in COLORS.items():
+        mask = (a == rgb).all(-1)
+        known |= mask
+        ys, xs = np.nonzero(mask)
+        assert len(xs) > 0, f"no {name} pixels"
+        w, h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+        assert (w, h) == (11, 11), f"{name} object is {w}x{h} px; expected an unoccluded 11x11 object"
+        # A square fills its bounding box; a circle leaves the corners white.
+        shape = "square" if mask.sum() == w * h else "circle"
+        # Pixel i covers [i, i + 1), so its centre is at i + 0.5; the image centre is then IMAGE_SIZE / 2.
+        objects[name] = {"center": (xs.mean() + 0.5, ys.mean() + 0.5), "shape": shape, "count": int(mask.sum())}
+    background = (a == WHITE).all(-1)
+    assert (known | background).all(), "pixels of an unexpected colour (anti-aliasing or overlap?)"
+    return objects
+
+
+def _answer_from_pixels(objects: dict[str, dict], color: str, subtype: str) -> str:
+    x = objects[color]
+    cx, cy = x["center"]
+    mid = IMAGE_SIZE / 2
+    if subtype == "shape":
+        return x["shape"]
+    if subtype == "horizontal":
+        assert cx != mid, "object centred on the middle column: left/right is ambiguous"
+        return "left" if cx < mid else "right"
+    if subtype == "vertical":
+        assert cy != mid, "object centred on the middle row: top/bottom is ambiguous"
+        return "top" if cy < mid else "bottom"
+    if subtype in ("closest_shape", "furthest_shape"):
+        dist = sorted(
+            ((ox - cx) ** 2 + (oy - cy) ** 2, other["shape"])
+            for name, other in objects.items()
+            if name != color
+            for ox, oy in [other["center"]]
+        )
+        pick, runner_up = (dist[0], dist[1]) if subtype == "closest_shape" else (dist[-1], dist[-2])
+        assert pick[0] != runner_up[0], f"{subtype} of {color} is tied"
+        return pick[1]
+    if subtype == "count":
+        return str(sum(o["shape"] == x["shape"] for o in objects.values()))
+    raise AssertionError(f"unknown subtype {subtype}")
+
+
+def _color_in(question: str) -> str:
+    named = [c for c in COLOR_NAMES if re.search(rf"\b{c}\b", question)]
+    assert len(named) == 1, f"question should name exactly one colour: {question!r}"
+    return named[0]
+
+
+def test_answers_match_the_pixels(dataset: tuple[Path, dict]) -> None:
+    out, _ = dataset
+    checked = 0
+    for split in SPLITS:
+        rows = _read_jsonl(out / f"{split}.jsonl")
+        by_image: dict[str, list[dict]] = {}
+        for row in rows:
+            by_image.setdefault(row["image"], []).append(row)
+        for image, questions in by_image.items():
+            objects = _pixel_objects(Image.open(out / image))
+            for row in questions:
+                expected = _answer_from_pixels(objects, _color_in(row["question"]), row["subtype"])
+                assert row["answer"] == expected, (image, row)
+                checked += 1
+    assert checked == 20 * sum(COUNTS.values())
+
+
+def test_scene_for_matches_the_pixels(dataset: tuple[Path, dict]) -> None:
+    out, _ = dataset
+    for split, n in COUNTS.items():
+        for index in range(n):
+            scene = scene_for(split, index, seed=SEED)
+            objects = _pixel_objects(Image.open(out / f"images/{split}_{index:05d}.png"))
+            assert [o.color for o in scene] == list(COLOR_NAMES)
+            for obj in scene:
+                assert objects[obj.color]["shape"] == obj.shape
+                assert objects[obj.color]["center"] == (obj.center[0] + 0.5, obj.center[1] + 0.5)
+
+
+def test_counts_splits_and_layout(dataset: tuple[Path, dict]) -> None:
+    out, summary = dataset
+    assert sorted(summary["splits"]) == sorted(SPLITS)
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(
+        f"{split}_{i:05d}.png" for split, n in COUNTS.items() for i in range(n)
+    )
+    for split, n in COUNTS.items():
+        info = summary["splits"][split]
+        assert (info["images"], info["questions"], info["captions"]) == (n, 20 * n, n)
+        questions = _read_jsonl(Path(info["questions_file"]))
+        captions = _read_jsonl(Path(info["captions_file"]))
+        assert Path(info["questions_file"]) == out / f"{split}.jsonl"
+        assert Path(info["captions_file"]) == out / f"{split}_captions.jsonl"
+        assert len(questions) == 20 * n and len(captions) == n
+        images = [f"images/{split}_{i:05d}.png" for i in range(n)]
+        assert [c["image"] for c in captions] == images
+        assert sorted({q["image"] for q in questions}) == images
+        for image in images:
+            rows = [q for q in questions if q["image"] == image]
+            assert [q["type"] for q in rows].count("non_relational") == 10
+            assert [q["type"] for q in rows].count("relational") == 10
+            with Image.open(out / image) as img:  # paths are relative to the JSONL folder
+                assert (img.size, img.mode) == ((IMAGE_SIZE, IMAGE_SIZE), "RGB")
+        for q in questions:
+            assert set(q) == {"image", "question", "answer", "type", "subtype"}
+            allowed = NON_RELATIONAL_SUBTYPES if q["type"] == "non_relational" else RELATIONAL_SUBTYPES
+            assert q["subtype"] in allowed
+            assert q["question"].endswith("?")
+            assert re.fullmatch(r"[a-z0-9]+", q["answer"]), q
+
+
+def test_same_seed_same_bytes_other_seed_differs(dataset: tuple[Path, dict], tmp_path: Path) -> None:
+    out, _ = dataset
+    generate_shapes(tmp_path / "again", seed=SEED, **COUNTS)
+    generate_shapes(tmp_path / "other", seed=SEED + 1, **COUNTS)
+    first, again, other = _all_files(out), _all_files(tmp_path / "again"), _all_files(tmp_path / "other")
+    assert first == again
+    assert first.keys() == other.keys()
+    for name in first:  # every file, images and JSONL alike, changes with the seed
+        assert first[name] != other[name], name
+
+
+def test_splits_use_independent_streams(dataset: tuple[Path, dict], tmp_path: Path) -> None:
+    out, _ = dataset
+    firsts = {(out / f"images/{split}_00000.png").read_bytes() for split in SPLITS}
+    assert len(firsts) == 3
+    # Each image has its own stream: growing one split changes neither its prefix nor the other splits.
+    generate_shapes(tmp_path, train=COUNTS["train"] + 2, val=0, test=COUNTS["test"], seed=SEED)
+    for split, n in (("train", COUNTS["train"]), ("test", COUNTS["test"])):
+        for i in range(n):
+            name = f"images/{split}_{i:05d}.png"
+            assert (tmp_path / name).read_bytes() == (out / name).read_bytes()
+
+
+def test_scenes_are_valid_and_unambiguous() -> None:
+    rng = np.random.default_rng(123)
+    for _ in range(200):
+        scene = random_scene(rng)
+        assert sorted(o.color for o in scene) == sorted(COLOR_NAMES)  # 6 distinct colours
+        assert {o.shape for o in scene} <= {"square", "circle"}
+        for o in scene:
+            x0, y0, x1, y1 = o.bbox
+            assert min(x0, y0) >= 0 and max(x1, y1) < IMAGE_SIZE
+        for i, a in enumerate(scene):
+            for b in scene[i + 1 :]:
+                ax0, ay0, ax1, ay1 = a.bbox
+                bx0, by0, bx1, by1 = b.bbox
+                assert ax1 < bx0 or bx1 < ax0 or ay1 < by0 or by1 < ay0, f"{a} overlaps {b}"
+        # The pixel reader asserts 11x11 unoccluded objects, no stray colours and no ties in any answer.
+        objects = _pixel_objects(render_scene(scene))
+        for color in COLOR_NAMES:
+            for subtype in NON_RELATIONAL_SUBTYPES + RELATIONAL_SUBTYPES:
+                assert answer_question(scene, color, subtype) == _answer_from_pixels(objects, color, subtype)
+        assert {o["count"] for o in objects.values() if o["shape"] == "square"} <= {121}
+
+
+def test_question_colours_and_subtypes_are_uniform() -> None:
+    rng = np.random.default_rng(0)
+    colors: dict[str, int] = {}
+    subtypes: dict[str, int] = {}
+    n_scenes = 300
+    for _ in range(n_scenes):
+        scene = random_scene(rng)
+        rows = questions_for_scene(scene, rng)
+        assert [r["type"] for r in rows] == ["non_relational"] * 10 + ["relational"] * 10
+        for r in rows:
+            colors[_color_in(r["question"])] = colors.get(_color_in(r["question"]), 0) + 1
+            subtypes[r["subtype"]] = subtypes.get(r["subtype"], 0) + 1
+    assert set(colors) == set(COLOR_NAMES)
+    assert set(subtypes) == set(NON_RELATIONAL_SUBTYPES + RELATIONAL_SUBTYPES)
+    # 6000 questions: about 1000 per colour and per subtype; bounds are > 5 standard deviations wide.
+    assert all(800 < c < 1200 for c in colors.values()), colors
+    assert all(800 < c < 1200 for c in subtypes.values()), subtypes
+
+
+_CAPTION_ITEM = re.compile(
+    r"(a|an) (?P<color>\w+) (?P<shape>square|circle) "
+    r"(?:in the (?P<center>center)|at the (?P<v>top|middle|bottom) (?P<h>left|center|right))"
+)
+
+
+def test_caption_names_every_object_in_colour_order(dataset: tuple[Path, dict]) -> None:
+    out, _ = dataset
+    for split in SPLITS:
+        for row in _read_jsonl(out / f"{split}_captions.jsonl"):
+            objects = _pixel_objects(Image.open(out / row["image"]))
+            items = row["caption"].split(", ")
+            assert len(items) == 6, row
+            matches = [_CAPTION_ITEM.fullmatch(item) for item in items]
+            assert all(matches), row
+            assert [m["color"] for m in matches] == list(COLOR_NAMES)
+            for m in matches:
+                obj = objects[m["color"]]
+                assert m["shape"] == obj["shape"]
+                assert m[1] == ("an" if m["color"] == "orange" else "a")
+                cx, cy = obj["center"]
+                third = IMAGE_SIZE / 3
+                v = ("top", "middle", "bottom")[int(cy // third)]
+                h = ("left", "center", "right")[int(cx // third)]
+                assert (m["v"], m["h"]) == ((None, None) if (v, h) == ("middle", "center") else (v, h)), row
+            assert row["caption"] == caption_for_scene(scene_for(split, int(row["image"][-9:-4]), seed=SEED))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"train": -1}, "train"),
+        ({"val": -3}, "val"),
+        ({"test": -1}, "test"),
+        ({"seed": -1}, "seed"),
+        ({"train": 1.5}, "train"),
+        ({"val": "10"}, "val"),
+        ({"test": True}, "test"),
+        ({"seed": None}, "seed"),
+        ({"out": None}, "out"),
+        ({"out": ""}, "out"),
+    ],
+)
+def test_bad_arguments_raise_value_error(tmp_path: Path, kwargs: dict, name: str) -> None:
+    args = {"out": tmp_path / "x", "train": 1, "val": 1, "test": 1, "seed": 0, **kwargs}
+    with pytest.raises(ValueError, match=name) as info:
+        generate_shapes(**args)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "x").exists(), "nothing should be written when the arguments are bad"
+
+
+def test_out_must_not_be_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "file.txt"
+    path.write_text("x")
+    with pytest.raises(ValueError, match="out"):
+        generate_shapes(path, train=1, val=0, test=0)
+
+
+def test_zero_images_writes_empty_files(tmp_path: Path) -> None:
+    summary = generate_shapes(tmp_path, train=0, val=0, test=1)
+    assert summary["splits"]["train"]["images"] == 0
+    assert (tmp_path / "train.jsonl").read_text() == ""
+    assert len(_read_jsonl(tmp_path / "test.jsonl")) == 20

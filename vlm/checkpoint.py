@@ -1,0 +1,119 @@
+"""Checkpoint folders: `config.json` + tokenizer and processor files + `model.safetensors`. No pickle.
+
+A folder describes itself: loading needs the folder and nothing else (no hub, no preset). Writes are atomic:
+everything goes to a temporary sibling folder that replaces the target in one rename.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model as load_safetensors
+from safetensors.torch import save_model as save_safetensors
+
+from vlm.config import VLMConfig
+from vlm.errors import VLMError
+from vlm.model import VisionLanguageModel
+from vlm.processor import Processor, tokenizer_for
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def build(config: VLMConfig, pretrained: bool = True) -> tuple[VisionLanguageModel, Processor]:
+    """A fresh model and its processor from a config (pretrained parts loaded where the config asks)."""
+    tokenizer = tokenizer_for(config)
+    model = VisionLanguageModel.from_config(config, tokenizer, pretrained=pretrained)
+    return model, Processor.from_model(model, tokenizer)
+
+
+def save_checkpoint(model: VisionLanguageModel, path: str | Path, processor: Processor | None = None) -> Path:
+    """Writes the model (and processor) to `path`, replacing any folder there only once all is written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        config = copy.deepcopy(model.config)
+        # The weights are in the folder: loading must not fetch pretrained ones again.
+        config.encoder.pretrained, config.encoder.weights, config.decoder.pretrained = False, None, False
+        config.save(tmp / CONFIG_FILE)
+        save_safetensors(model, str(tmp / WEIGHTS_FILE))
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        if path.exists():
+            # Keep files others put beside the weights (e.g. a model card), then swap in one rename.
+            for extra in path.iterdir():
+                if not (tmp / extra.name).exists():
+                    (shutil.copytree if extra.is_dir() else shutil.copy2)(extra, tmp / extra.name)
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load_model(path: str | Path) -> VisionLanguageModel:
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise VLMError(f"not a vlm checkpoint folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}): {path}")
+    config = VLMConfig.load(path / CONFIG_FILE)
+    tokenizer = Processor.from_pretrained(path).tokenizer
+    model = VisionLanguageModel.from_config(config, tokenizer, pretrained=False)
+    missing, unexpected = load_safetensors(model, str(path / WEIGHTS_FILE), strict=False)
+    if missing or unexpected:
+        raise VLMError(f"checkpoint {path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval()
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """A checkpoint folder's model (in eval mode, on `device`, in `dtype`) and processor."""
+    model = load_model(path).to(device=device, dtype=dtype)
+    return model, Processor.from_pretrained(path)
+
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "samples" / "shapes-model"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' is CUDA when available, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise VLMError("--device cuda was asked for, but no CUDA GPU is available")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise VLMError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' is bfloat16 on a GPU and float32 on the CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise VLMError(f"unknown dtype {dtype!r}; use auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def open_model(model: str | None = None, device: str = "auto", dtype: str = "auto"):
+    """The model and processor a command runs: the folder `model`, or the default checkpoint under samples/."""
+    path = Path(model) if model else DEFAULT_MODEL_DIR
+    if model is None and not (path / CONFIG_FILE).is_file():
+        raise VLMError(
+            f"no default model at {path}: it is trained by the shapes benchmark recipe and not there yet. "
+            "Pass --model DIR (`vlm init --preset tiny DIR` writes an untrained one for smoke tests).",
+            exit_code=1,
+        )
+    dev = resolve_device(device)
+    return load(path, dev, resolve_dtype(dtype, dev))

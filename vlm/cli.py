@@ -1,0 +1,134 @@
+"""The `vlm` console script: one entry point, one typed function per subcommand.
+
+A subcommand's options and `--help` come from its function's signature and docstring (jsonargparse);
+required parameters (and those in `OPTIONAL_POSITIONALS`) are positional, a dataclass parameter is
+flattened into plain options. Only the chosen subcommand's module is imported, so `vlm caption` never
+pays for Lightning; `fit`/`validate` hand over to LightningCLI in `train/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import os
+import sys
+import typing
+from collections.abc import Callable
+
+from vlm.errors import VLMError
+
+# name -> ("module:function", one-line summary for `vlm --help`)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "caption": ("vlm.commands:caption", "caption images, folders or JSONL files"),
+    "ask": ("vlm.commands:ask", "answer a question about an image, or a JSONL file of questions"),
+    "chat": ("vlm.commands:chat", "talk about an image, turn by turn"),
+    "init": ("vlm.commands:init", "write an untrained checkpoint of a preset"),
+    "fit": ("train.cli:main", "train a model (LightningCLI; --config samples/configs/NAME.yaml)"),
+    "validate": ("train.cli:main", "validate a model (LightningCLI)"),
+}
+OPTIONAL_POSITIONALS: dict[str, tuple[str, ...]] = {"ask": ("image", "question")}
+LIGHTNING_COMMANDS = {"fit", "validate"}
+
+
+def _load(target: str) -> Callable:
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "usage: vlm COMMAND [options]   (vlm COMMAND --help for its options)\n\ncommands:\n" + "\n".join(lines)
+
+
+def _docs(fn: Callable) -> dict[str, str]:
+    from docstring_parser import parse
+
+    return {p.arg_name: p.description or "" for p in parse(fn.__doc__ or "").params}
+
+
+def _dashes_to_underscores(args: list[str]) -> list[str]:
+    """Accept `--max-new-tokens` as well as `--max_new_tokens` (only option names change, never values)."""
+    out = []
+    for a in args:
+        if a.startswith("--") and len(a) > 2:
+            name, eq, value = a[2:].partition("=")
+            a = "--" + name.replace("-", "_") + eq + value
+        out.append(a)
+    return out
+
+
+def build_parser(name: str, fn: Callable):
+    """The jsonargparse parser for one subcommand function."""
+    from jsonargparse import ActionYesNo, ArgumentParser
+
+    hints = typing.get_type_hints(fn)
+    sig = inspect.signature(fn)
+    docs = _docs(fn)
+    parser = ArgumentParser(prog=f"vlm {name}", description=(fn.__doc__ or "").split("\n\n")[0], exit_on_error=True)
+    positional, flattened = [], {}
+    for p in sig.parameters.values():
+        hint = hints.get(p.name)
+        inner = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        if dataclasses.is_dataclass(inner[0]):
+            flattened[p.name] = inner[0]
+        elif p.default is p.empty or p.name in OPTIONAL_POSITIONALS.get(name, ()):
+            is_list = typing.get_origin(hint) is list
+            required = p.default is p.empty
+            nargs = ("+" if required else "*") if is_list else (None if required else "?")
+            parser.add_argument(p.name, nargs=nargs, help=docs.get(p.name, ""), **({} if required else {"default": p.default}))
+            positional.append(p.name)
+        elif hint is bool:  # a bare --flag means true (and --no_flag false)
+            parser.add_argument(f"--{p.name}", action=ActionYesNo, default=p.default, help=docs.get(p.name, ""))
+            positional.append(p.name)
+    parser.add_function_arguments(fn, skip=set(positional) | set(flattened), fail_untyped=True)
+    for cls in flattened.values():
+        parser.add_class_arguments(cls, nested_key=None)
+    return parser, flattened
+
+
+def run(args: list[str]) -> int:
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        raise VLMError(f"unknown command {name!r}\n{_usage()}")
+    fn = _load(COMMANDS[name][0])
+    if name in LIGHTNING_COMMANDS:
+        fn([name, *rest])
+        return 0
+    parser, flattened = build_parser(name, fn)
+    values = parser.parse_args(_dashes_to_underscores(rest)).as_dict()
+    values.pop("config", None)
+    for param, cls in flattened.items():
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values[param] = cls(**{k: values.pop(k) for k in list(values) if k in fields})
+    return fn(**values) or 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Runs a subcommand; input problems end as one line on stderr and exit code 2, never a traceback."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = os.environ.get("VLM_DEBUG") == "1"
+    try:
+        code = run(args)
+    except VLMError as e:
+        if debug:
+            raise
+        print(f"vlm: error: {e}", file=sys.stderr)
+        code = e.exit_code
+    except ValueError as e:  # argument checks in pure-python modules (e.g. data generators) raise ValueError
+        if debug:
+            raise
+        print(f"vlm: error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("vlm: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

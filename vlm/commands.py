@@ -1,0 +1,296 @@
+"""The inference subcommands of the `vlm` console script: caption, ask, chat, init.
+
+Each is a typed function; `vlm/cli.py` builds its command line and `--help` from the signature and docstring.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tqdm import tqdm
+
+from vlm.errors import VLMError
+from vlm.generation import GenerationOptions, generate_texts
+
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass
+class Item:
+    """One unit of a batch run: the row to write out, the images to read, the prompt to answer."""
+
+    row: dict[str, Any]
+    images: list[Path]
+    prompt: str
+    error: str | None = None
+    prediction: str | None = None
+    pixels: list = field(default_factory=list)
+
+
+def _items_from_inputs(inputs: list[str], caption_prompt: str) -> tuple[list[Item], bool]:
+    """Expands image files, folders of images and JSONL files into items; says whether it was one image."""
+    from vlm.data import read_jsonl
+    from vlm.images import list_images
+
+    items: list[Item] = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            found = list_images(path)
+            if not found:
+                raise VLMError(f"no images found in folder: {path}")
+            items += [Item({"image": str(p)}, [p], caption_prompt) for p in found]
+        elif path.suffix == ".jsonl":
+            items += _items_from_jsonl(path, caption_prompt)
+        else:
+            items.append(Item({"image": name}, [path], caption_prompt))
+    single = len(inputs) == 1 and len(items) == 1 and not Path(inputs[0]).is_dir() and not inputs[0].endswith(".jsonl")
+    return items, single
+
+
+def _items_from_jsonl(path: Path, caption_prompt: str) -> list[Item]:
+    """Rows of a JSONL file (question rows for `ask`, image rows for `caption`); broken rows become error items."""
+    from vlm.data import RowError, read_jsonl
+
+    items = []
+    for ex in read_jsonl(path, caption_prompt, require_target=False):
+        if isinstance(ex, RowError):
+            items.append(Item({"line": ex.line}, [], "", error=str(ex)))
+        else:
+            items.append(Item(ex.row, ex.images, ex.prompt))
+    return items
+
+
+def _load_pixels(item: Item) -> None:
+    from vlm.images import load_image
+
+    try:
+        item.pixels = [load_image(p) for p in item.images]
+    except VLMError as e:
+        item.error = str(e)
+
+
+def _run(items: list[Item], model, processor, gen: GenerationOptions, batch_size: int, stream: bool) -> Iterator[Item]:
+    """Answers items in input order, `batch_size` at a time; a bad item gets an error and the run goes on."""
+    if batch_size < 1:
+        raise VLMError("batch_size must be at least 1")
+    bar = tqdm(total=len(items), unit="item", disable=len(items) < 2 or None, file=sys.stderr)
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        for item in batch:
+            if item.error is None:
+                _load_pixels(item)
+        good = [it for it in batch if it.error is None]
+        try:
+            _answer(good, model, processor, gen, stream)
+        except VLMError:  # e.g. one over-long prompt: find it by answering one at a time
+            for it in good:
+                try:
+                    _answer([it], model, processor, gen, stream)
+                except VLMError as e:
+                    it.error = str(e)
+        bar.update(len(batch))
+        yield from batch
+    bar.close()
+
+
+def _answer(items: list[Item], model, processor, gen: GenerationOptions, stream: bool) -> None:
+    if not items:
+        return
+    answers = generate_texts(model, processor, [it.prompt for it in items], [it.pixels for it in items], gen, stream=stream)
+    for it, answer in zip(items, answers):
+        it.prediction = answer
+
+
+def _emit(items: Iterator[Item], output: str | None, as_json: bool, single: bool, streamed: bool) -> int:
+    """Writes results (JSONL file, JSON lines or plain text) as they come; returns how many items failed."""
+    failed = total = 0
+    tmp = Path(f"{output}.partial") if output else None
+    out = tmp.open("w", encoding="utf-8") if tmp else sys.stdout
+    try:
+        for item in items:
+            total += 1
+            row = {**item.row, "prediction": item.prediction}
+            if item.error:
+                failed += 1
+                row["error"] = item.error
+                print(f"vlm: error: {item.error}", file=sys.stderr)
+            if tmp or as_json:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            elif item.error is None:
+                if streamed:
+                    continue  # already printed token by token
+                out.write(item.prediction + "\n" if single else f"{item.row.get('image', '')}\t{item.prediction}\n")
+            out.flush()
+    finally:
+        if tmp:
+            out.close()
+    if tmp:
+        os.replace(tmp, output)  # the output file appears only once complete
+    if failed and total > 1:
+        print(f"vlm: {failed} of {total} items failed" + (f" (see 'error' in {output})" if output else ""), file=sys.stderr)
+    return failed
+
+
+def _open(model: str | None, device: str, dtype: str):
+    from vlm.checkpoint import open_model
+
+    return open_model(model, device, dtype)
+
+
+def caption(
+    inputs: list[str],
+    model: str | None = None,
+    output: str | None = None,
+    batch_size: int = 8,
+    device: Device = "auto",
+    dtype: DType = "auto",
+    json: bool = False,
+    gen: GenerationOptions | None = None,
+) -> int:
+    """Caption images: image files, folders of images, or JSONL files of rows with an "image".
+
+    Args:
+        inputs: Image files, folders and/or JSONL files (image paths relative to the JSONL file).
+        model: A vlm checkpoint folder (default: the shapes model under samples/).
+        output: Write JSONL here: each input row (or {"image": path}) plus "prediction", in input order.
+        batch_size: Images per forward pass.
+        device: Where to run: auto (CUDA when available), cpu or cuda.
+        dtype: Weights' precision: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.
+        json: Print one JSON object per result instead of plain text.
+        gen: Generation options.
+    """
+    gen = gen or GenerationOptions()
+    net, processor = _open(model, device, dtype)
+    items, single = _items_from_inputs(inputs, processor.caption_prompt)
+    stream = single and not output and not json and sys.stdout.isatty()
+    failed = _emit(_run(items, net, processor, gen, batch_size, stream), output, json, single, stream)
+    return 2 if failed else 0
+
+
+def ask(
+    image: str | None = None,
+    question: str | None = None,
+    input: str | None = None,
+    model: str | None = None,
+    output: str | None = None,
+    batch_size: int = 8,
+    device: Device = "auto",
+    dtype: DType = "auto",
+    json: bool = False,
+    gen: GenerationOptions | None = None,
+) -> int:
+    """Answer a question about an image, or every row of a JSONL file of questions.
+
+    Args:
+        image: The image file (with QUESTION).
+        question: The question about IMAGE.
+        input: A JSONL file of rows {"image": path relative to the file, "question": ...} instead.
+        model: A vlm checkpoint folder (default: the shapes model under samples/).
+        output: Write JSONL here: each input row plus "prediction", in input order.
+        batch_size: Questions per forward pass.
+        device: Where to run: auto (CUDA when available), cpu or cuda.
+        dtype: Weights' precision: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.
+        json: Print one JSON object per result instead of plain text.
+        gen: Generation options.
+    """
+    gen = gen or GenerationOptions()
+    if input is not None and (image is not None or question is not None):
+        raise VLMError("give either IMAGE QUESTION or --input FILE.jsonl, not both")
+    if input is None and (image is None or question is None):
+        raise VLMError("give IMAGE and QUESTION, or --input FILE.jsonl")
+    if question is not None and not question.strip():
+        raise VLMError("the question is empty")
+    if input is not None and not Path(input).is_file():
+        raise VLMError(f"input file not found: {input}")
+    net, processor = _open(model, device, dtype)
+    if input is not None:
+        items, single = _items_from_jsonl(Path(input), processor.caption_prompt), False
+        for it in items:
+            if it.error is None and "question" not in it.row:
+                it.error = f"line {it.row.get('line', '?')}: the row has no 'question'"
+    else:
+        items, single = [Item({"image": image, "question": question}, [Path(image)], question)], True
+    stream = single and not output and not json and sys.stdout.isatty()
+    failed = _emit(_run(items, net, processor, gen, batch_size, stream), output, json, single, stream)
+    return 2 if failed else 0
+
+
+def chat(
+    image: str,
+    model: str | None = None,
+    device: Device = "auto",
+    dtype: DType = "auto",
+    gen: GenerationOptions | None = None,
+) -> int:
+    """Talk about an image, turn by turn. Reads your turns from the terminal or stdin; /exit or end of input ends.
+
+    Args:
+        image: The image to talk about.
+        model: A vlm checkpoint folder (default: the shapes model under samples/).
+        device: Where to run: auto (CUDA when available), cpu or cuda.
+        dtype: Weights' precision: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.
+        gen: Generation options.
+    """
+    from vlm.images import load_image
+
+    gen = gen or GenerationOptions()
+    pixels = [load_image(image)]
+    net, processor = _open(model, device, dtype)
+    interactive = sys.stdin.isatty()
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            text = input("you> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        if not interactive and text == "":
+            break  # end of input
+        text = text.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if not text:
+            continue
+        # The image placeholder goes into the first user turn and stays in the history from then on.
+        turn = (processor.image_token + "\n" + text) if not history else text
+        if interactive:
+            print("vlm> ", end="", flush=True)
+        try:
+            answer = generate_texts(net, processor, [turn], [pixels], gen, [history], stream=interactive)[0]
+        except VLMError as e:  # e.g. the conversation outgrew the context: say so, keep the session
+            print(f"vlm: error: {e}", file=sys.stderr)
+            continue
+        if not interactive:
+            print(answer, flush=True)
+        history += [{"role": "user", "content": turn}, {"role": "assistant", "content": answer}]
+    return 0
+
+
+def init(out_dir: str, preset: str = "tiny", seed: int = 0, pretrained: bool = False) -> int:
+    """Write an UNTRAINED checkpoint of a preset (random weights: for smoke tests and as a starting point).
+
+    Args:
+        out_dir: The checkpoint folder to write.
+        preset: A named preset: tiny, shapes, nanovlm-222m, llava-222m.
+        seed: Random seed for the initial weights.
+        pretrained: Load the parts' pretrained weights where the preset names them (needs the model hub).
+    """
+    import torch
+
+    from vlm.checkpoint import build, save_checkpoint
+    from vlm.config import VLMConfig
+
+    config = VLMConfig.from_name(preset)
+    torch.manual_seed(seed)
+    model, processor = build(config, pretrained=pretrained)
+    save_checkpoint(model, out_dir, processor)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote an untrained {preset} checkpoint ({n / 1e6:.2f}M parameters) to {out_dir}", file=sys.stderr)
+    return 0

@@ -1,0 +1,155 @@
+"""Typed configs for the three parts of a VLM, nested in `VLMConfig`, and the named presets.
+
+Configs hold names and numbers only (never classes), so a config serializes to JSON and a checkpoint
+folder can rebuild its model from `config.json` alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from vlm.errors import VLMError
+
+TINY_TOKENIZER = str(Path(__file__).parent / "assets" / "tiny_tokenizer")
+
+
+@dataclass
+class EncoderConfig:
+    """An image encoder: any timm model name plus the keyword overrides timm's constructor takes.
+
+    `feature_layer` indexes the encoder's hidden states the way LLaVA's `vision_feature_layer` does:
+    0 is the patch embedding, -1 the last block's output (before the final norm), -2 the penultimate.
+    """
+
+    name: str = "vit_tiny_patch16_224"
+    overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"img_size": 64, "depth": 2}
+    feature_layer: int = -1
+    keep_prefix_tokens: bool = False  # keep the class/register tokens as image tokens
+    pretrained: bool = False  # timm weights by name (needs the hub) when building a fresh model
+    weights: str | None = None  # or a local weights file (.safetensors, or a torch state dict)
+
+
+@dataclass
+class ProjectorConfig:
+    """Maps encoder features into the decoder's embedding space.
+
+    `mlp`: Linear-GELU-Linear per patch (LLaVA-1.5). `pixel_shuffle`: folds each `factor`x`factor`
+    block of patches into one token, then a Linear (nanoVLM / SmolVLM): `factor**2` times fewer tokens.
+    """
+
+    kind: Literal["mlp", "pixel_shuffle"] = "mlp"
+    factor: int = 2  # pixel_shuffle only
+
+
+@dataclass
+class DecoderConfig:
+    """A transformers causal LM.
+
+    `name_or_path` is a hub id, a local transformers folder or a `.gguf` file; with `pretrained` its
+    weights are loaded, otherwise the model is built at random from its config. `hf_config` holds the
+    transformers config (model_type and sizes): it is what a checkpoint stores, so loading needs no hub.
+    """
+
+    name_or_path: str | None = None
+    pretrained: bool = False
+    hf_config: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None  # defaults to name_or_path
+
+
+@dataclass
+class VLMConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    image_token: str = "<image>"
+    # Instruction the CLI and the data reader use for caption rows, so training and inference agree.
+    caption_prompt: str = "Describe the image."
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VLMConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known - {"format_version"}
+        if unknown:
+            raise VLMError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        d = dict(d)
+        d.pop("format_version", None)
+        return cls(
+            encoder=EncoderConfig(**d.pop("encoder", {})),
+            projector=ProjectorConfig(**d.pop("projector", {})),
+            decoder=DecoderConfig(**d.pop("decoder", {})),
+            **d,
+        )
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"format_version": 1, **self.to_dict()}, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> VLMConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_name(cls, name: str) -> VLMConfig:
+        """A copy of the named preset (see `PRESETS`)."""
+        if name not in PRESETS:
+            raise VLMError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        return cls.from_dict(json.loads(json.dumps(PRESETS[name])))
+
+
+def _llama(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, max_pos: int, **kw: Any) -> dict[str, Any]:
+    return {
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "intermediate_size": ffn,
+        "max_position_embeddings": max_pos,
+        "tie_word_embeddings": True,
+        **kw,
+    }
+
+
+# SmolLM2-135M's published architecture (HuggingFaceTB/SmolLM2-135M-Instruct config.json), so the real-size
+# presets can be built offline; its weights come from the hub or a local folder / GGUF file.
+SMOLLM2_135M = _llama(576, 30, 9, 3, 1536, 8192, rope_theta=100000.0, rms_norm_eps=1e-5, vocab_size=49152)
+SMOLLM2_135M_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # For tests and smoke runs: builds in well under a second.
+    "tiny": {
+        "encoder": {
+            "name": "vit_tiny_patch16_224",
+            "overrides": {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2},
+        },
+        "projector": {"kind": "mlp"},
+        "decoder": {"hf_config": _llama(64, 2, 2, 1, 128, 1024), "tokenizer": TINY_TOKENIZER},
+    },
+    # Small from-scratch model sized for the shapes benchmark (75x75 images) on a CPU.
+    "shapes": {
+        "encoder": {
+            "name": "vit_tiny_patch16_224",
+            "overrides": {"img_size": 75, "patch_size": 15, "embed_dim": 128, "depth": 4, "num_heads": 4},
+        },
+        "projector": {"kind": "mlp"},
+        "decoder": {"hf_config": _llama(128, 4, 4, 2, 384, 512), "tokenizer": TINY_TOKENIZER},
+    },
+    # Shaped like nanoVLM-222M: SigLIP-B/16-224 + SmolLM2-135M, pixel shuffle to 49 image tokens.
+    "nanovlm-222m": {
+        "encoder": {"name": "vit_base_patch16_siglip_224"},
+        "projector": {"kind": "pixel_shuffle", "factor": 2},
+        "decoder": {"name_or_path": SMOLLM2_135M_HUB, "hf_config": SMOLLM2_135M},
+    },
+    # The same backbones with LLaVA's MLP projector (196 image tokens): exports to transformers' LLaVA.
+    "llava-222m": {
+        "encoder": {"name": "vit_base_patch16_siglip_224"},
+        "projector": {"kind": "mlp"},
+        "decoder": {"name_or_path": SMOLLM2_135M_HUB, "hf_config": SMOLLM2_135M},
+    },
+}

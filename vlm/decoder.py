@@ -1,0 +1,144 @@
+"""Decoder language models and tokenizers from transformers: hub ids, local folders, GGUF files or configs.
+
+A source is a hub id, a local transformers folder, a `.gguf` file, or `package:<pkg>/<file>`: a file inside an
+installed Python package, found without importing the package. A GGUF file is converted once (dequantized
+weights + tokenizer) into a transformers folder under the cache (`$VLM_CACHE`, else `~/.cache/vlm`), and every
+later load reads that folder, which is much faster than parsing the GGUF again.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from vlm.config import DecoderConfig
+from vlm.errors import VLMError
+
+PACKAGE_PREFIX = "package:"
+
+
+def cache_root() -> Path:
+    """Where converted files live: `$VLM_CACHE`, else `~/.cache/vlm`."""
+    return Path(os.environ.get("VLM_CACHE") or Path.home() / ".cache" / "vlm")
+
+
+def package_file(source: str) -> Path:
+    """The file a `package:<pkg>/<relative path>` source names, located without importing the package."""
+    rest = source[len(PACKAGE_PREFIX) :]
+    package, _, relative = rest.partition("/")
+    if not package or not relative or "." in package:
+        raise VLMError(f"bad package path {source!r}: write package:<top-level package>/<file inside it>")
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        raise VLMError(f"package {package!r} is not installed (needed for {source!r})")
+    if spec.submodule_search_locations:
+        roots = [Path(p) for p in spec.submodule_search_locations]
+    elif spec.origin:
+        roots = [Path(spec.origin).parent]
+    else:
+        roots = []
+    for root in roots:
+        if (root / relative).is_file():
+            return root / relative
+    raise VLMError(f"no file {relative!r} in package {package!r} (looked in {', '.join(map(str, roots))})")
+
+
+def gguf_folder(path: str | Path) -> Path:
+    """The transformers folder converted from a GGUF file: converted on first use, then reused.
+
+    The cache entry is named after the file's name, size and modification time, so an edited file is
+    converted again. It is written to a temporary sibling and renamed into place, so an interrupted
+    conversion never leaves a half-written entry behind.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise VLMError(f"GGUF file not found: {path}")
+    stat = path.stat()
+    target = cache_root() / "gguf" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        _convert_gguf(path, tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not target.is_dir():  # another process finishing first is fine; anything else is not
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(path: Path, out: Path) -> None:
+    """Dequantizes a GGUF file into a transformers folder (config, model.safetensors, tokenizer)."""
+    kwargs = {"gguf_file": path.name}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), **kwargs)
+    except (OSError, ValueError) as e:
+        raise VLMError(f"cannot convert GGUF file {path}: {str(e).splitlines()[0]}") from e
+    # The weights are dequantized now: the saved folder must not claim to be GGUF-quantized.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def resolve_source(source: str) -> str:
+    """What transformers' `from_pretrained` reads for a source: `package:` paths found, GGUF files converted."""
+    if source.startswith(PACKAGE_PREFIX):
+        source = str(package_file(source))
+    if source.endswith(".gguf"):
+        return str(gguf_folder(source))
+    return source
+
+
+def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
+    """A tokenizer from a local folder, a GGUF file, a `package:` path or a hub id."""
+    try:
+        return AutoTokenizer.from_pretrained(resolve_source(source))
+    except OSError as e:
+        raise VLMError(f"cannot load a tokenizer from {source!r}: {str(e).splitlines()[0]}") from e
+
+
+def build_decoder(cfg: DecoderConfig, vocab_size: int) -> PreTrainedModel:
+    """Loads pretrained weights when `cfg.pretrained`, else builds at random from `cfg.hf_config`.
+
+    The embedding table is sized to `vocab_size` (the tokenizer with its added image token).
+    """
+    if cfg.pretrained:
+        if not cfg.name_or_path:
+            raise VLMError("decoder.pretrained needs decoder.name_or_path (a hub id, folder, .gguf or package: file)")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(resolve_source(cfg.name_or_path))
+        except OSError as e:
+            raise VLMError(f"cannot load decoder {cfg.name_or_path!r}: {str(e).splitlines()[0]}") from e
+    else:
+        hf = dict(cfg.hf_config)
+        if "model_type" not in hf:
+            raise VLMError("decoder.hf_config needs a model_type (e.g. llama) to build a decoder from scratch")
+        try:
+            config = AutoConfig.for_model(hf.pop("model_type"), **{**hf, "vocab_size": vocab_size})
+        except (ValueError, KeyError) as e:
+            raise VLMError(f"bad decoder.hf_config: {e}") from e
+        model = AutoModelForCausalLM.from_config(config)
+    if model.get_input_embeddings().num_embeddings != vocab_size:
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    return model
+
+
+def context_length(model: PreTrainedModel) -> int | None:
+    """The most positions the decoder can attend over, whatever the family calls it."""
+    c = model.config
+    return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)

@@ -1,0 +1,105 @@
+"""Text generation from images and prompts: options, batching, the context check, streaming.
+
+Decoding itself is transformers' `generate` over the decoder with a KV cache (greedy, sampling, beam search);
+this module turns prompts and images into its inputs and its token ids back into text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import TextStreamer
+
+from vlm.decoder import context_length
+from vlm.errors import VLMError
+from vlm.model import VisionLanguageModel
+from vlm.processor import Processor
+
+
+@dataclass
+class GenerationOptions:
+    """How to pick tokens.
+
+    Args:
+        max_new_tokens: Stop after this many new tokens (or at the end-of-turn token).
+        temperature: 0 for greedy decoding; above 0 samples with this temperature.
+        top_k: Sample only among the k most likely tokens (0: no limit).
+        top_p: Sample only within this cumulative probability (1.0: no limit).
+        num_beams: Beam search with this many beams (1: no beam search).
+        repetition_penalty: Above 1 discourages repeating tokens.
+        seed: Random seed for sampling, for reproducible outputs.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
+            (self.temperature >= 0, "temperature must be 0 (greedy) or positive"),
+            (self.top_k >= 0, "top_k must be 0 (off) or positive"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.num_beams >= 1, "num_beams must be at least 1"),
+            (self.repetition_penalty > 0, "repetition_penalty must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise VLMError(message)
+
+    def hf_kwargs(self, processor: Processor) -> dict[str, Any]:
+        """Keyword arguments for transformers' `generate`."""
+        sample = self.temperature > 0
+        kw: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": sample,
+            "num_beams": self.num_beams,
+            "repetition_penalty": self.repetition_penalty,
+            "eos_token_id": processor.stop_token_ids,
+            "pad_token_id": processor.tokenizer.pad_token_id,
+        }
+        if sample:
+            kw.update(temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p)
+        else:  # say so explicitly: a decoder's own generation_config may default to sampling
+            kw.update(temperature=None, top_k=None, top_p=None)
+        return kw
+
+
+def generate_texts(
+    model: VisionLanguageModel,
+    processor: Processor,
+    prompts: list[str],
+    images: list[list[Image.Image]],
+    options: GenerationOptions | None = None,
+    history: list[list[dict[str, str]]] | None = None,
+    stream: bool = False,
+) -> list[str]:
+    """Answers for a batch: sample i is `prompts[i]` about `images[i]` (after `history[i]`, if given).
+
+    With `stream`, tokens of a one-sample batch are printed to stdout as they are produced.
+    """
+    options = options or GenerationOptions()
+    batch = processor(prompts, images, history)
+    limit = context_length(model.decoder)
+    needed = batch["input_ids"].shape[1] + options.max_new_tokens
+    if limit is not None and needed > limit:
+        raise VLMError(
+            f"the prompt is {batch['input_ids'].shape[1]} tokens (images included); with max_new_tokens "
+            f"{options.max_new_tokens} that exceeds the decoder's context of {limit} tokens"
+        )
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if v is not None else None for k, v in batch.items()}
+    if options.seed is not None:
+        torch.manual_seed(options.seed)
+    streamer = None
+    if stream and len(prompts) == 1 and options.num_beams == 1:
+        streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    out = model.generate(**batch, **options.hf_kwargs(processor), streamer=streamer)
+    return [processor.decode(seq) for seq in out]

@@ -1,0 +1,77 @@
+"""Opening user images safely: every way an image file can be wrong becomes a one-line `VLMError`."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+# Decoding more pixels than this is refused before any pixel is read (decompression bombs); 64 MP covers
+# any camera photo. Override with the VLM_MAX_IMAGE_PIXELS environment variable.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+def max_pixels() -> int:
+    return int(os.environ.get("VLM_MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS))
+
+
+def load_image(path: str | Path, limit: int | None = None) -> Image.Image:
+    """Opens an image as RGB: first frame of animations, EXIF rotation applied, transparency on white,
+    16-bit and float greyscale scaled to 8 bits. Raises `VLMError` naming the file for anything else."""
+    from vlm.errors import VLMError
+
+    path = Path(path)
+    limit = limit or max_pixels()
+    if not path.exists():
+        raise VLMError(f"image not found: {path}")
+    if path.is_dir():
+        raise VLMError(f"expected an image file, got a folder: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            w, h = img.size
+            if w * h > limit:
+                raise VLMError(f"image too large: {path} is {w}x{h} pixels, above the limit of {limit:,}")
+            img.seek(0)  # animated GIF/WebP/APNG: the first frame
+            img.load()
+    except VLMError:
+        raise
+    except UnidentifiedImageError:
+        raise VLMError(f"not an image (or an unsupported format): {path}") from None
+    except Image.DecompressionBombError:
+        raise VLMError(f"image too large: {path} exceeds the pixel limit of {limit:,}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise VLMError(f"corrupt or truncated image: {path} ({e})") from None
+    try:
+        return to_rgb(ImageOps.exif_transpose(img))
+    except (OSError, ValueError) as e:
+        raise VLMError(f"unsupported image: {path} ({e})") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # PIL's own conversion clips wide greyscale to 0..255; scale by the format's range instead.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        arr = np.clip(arr / top * 255.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files directly in a folder, by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())

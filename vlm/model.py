@@ -1,0 +1,167 @@
+"""The vision-language model: image encoder -> projector -> decoder language model.
+
+The decoder reads one sequence in which each image placeholder has been expanded to `num_image_tokens`
+image-token ids; the projected patch embeddings are written into exactly those positions.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from encoders import ImageEncoder, create_encoder
+from vlm.config import VLMConfig
+from vlm.decoder import build_decoder
+from vlm.errors import VLMError
+from vlm.projector import build_projector, num_output_tokens
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class VLMOutput:
+    loss: Tensor | None
+    logits: Tensor
+
+
+def build_encoder(config: VLMConfig, pretrained: bool) -> ImageEncoder:
+    e = config.encoder
+    try:
+        return create_encoder(
+            e.name,
+            pretrained=pretrained and e.pretrained,
+            weights=e.weights if pretrained else None,
+            feature_layer=e.feature_layer,
+            keep_prefix_tokens=e.keep_prefix_tokens,
+            **e.overrides,
+        )
+    except ValueError as err:
+        raise VLMError(str(err)) from err
+
+
+class VisionLanguageModel(nn.Module):
+    """A plain `nn.Module`: build it with `from_config` (fresh) or `from_pretrained` (a checkpoint folder)."""
+
+    def __init__(
+        self, config: VLMConfig, encoder: ImageEncoder, projector: nn.Module, decoder: PreTrainedModel, image_token_id: int
+    ):
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        self.projector = projector
+        self.decoder = decoder
+        self.image_token_id = image_token_id
+        self.num_image_tokens = num_output_tokens(config.projector, encoder.num_tokens)
+
+    @classmethod
+    def from_config(cls, config: VLMConfig, tokenizer: PreTrainedTokenizerBase, pretrained: bool = True):
+        """Builds a model for `tokenizer`, which must already hold the image token (see `Processor`).
+
+        With `pretrained`, parts whose config asks for pretrained weights load them (hub or local files).
+        The returned model's config records the decoder's full transformers config, so a saved
+        checkpoint rebuilds it offline.
+        """
+        config = copy.deepcopy(config)
+        image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
+        if image_token_id is None or image_token_id == tokenizer.unk_token_id:
+            raise VLMError(f"the tokenizer has no image token {config.image_token!r}")
+        if config.projector.kind == "pixel_shuffle" and config.encoder.keep_prefix_tokens:
+            raise VLMError("the pixel_shuffle projector needs a patch grid: set encoder.keep_prefix_tokens false")
+        encoder = build_encoder(config, pretrained)
+        decoder = build_decoder(config.decoder if pretrained else _random(config.decoder), len(tokenizer))
+        for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            setattr(decoder.config, name, getattr(tokenizer, name))
+            if decoder.generation_config is not None:
+                setattr(decoder.generation_config, name, getattr(tokenizer, name))
+        config.decoder.hf_config = decoder.config.to_diff_dict()
+        config.decoder.hf_config.pop("transformers_version", None)
+        projector = build_projector(
+            config.projector, encoder.num_features, decoder.get_input_embeddings().embedding_dim, encoder.grid_size
+        )
+        return cls(config, encoder, projector, decoder, image_token_id)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> VisionLanguageModel:
+        """Loads a checkpoint folder written by `save_pretrained`; needs nothing but the folder."""
+        from vlm.checkpoint import load_model
+
+        return load_model(path)
+
+    def save_pretrained(self, path: str | Path, processor=None) -> None:
+        """Writes config, weights (safetensors) and, given a processor, the tokenizer files; atomically."""
+        from vlm.checkpoint import save_checkpoint
+
+        save_checkpoint(self, path, processor)
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """(num_images, 3, H, W) -> (num_images, num_image_tokens, D) decoder embeddings."""
+        feats = self.encoder(pixel_values.to(self.encoder_dtype))
+        return self.projector(feats.to(self.projector_dtype))
+
+    @property
+    def encoder_dtype(self) -> torch.dtype:
+        return next(self.encoder.parameters()).dtype
+
+    @property
+    def projector_dtype(self) -> torch.dtype:
+        return next(self.projector.parameters()).dtype
+
+    def embed(self, input_ids: Tensor, pixel_values: Tensor | None = None) -> Tensor:
+        """Token embeddings with the image embeddings written into the image-token positions.
+
+        `pixel_values` holds every image of the batch in order: sample 0's images, then sample 1's, ...
+        """
+        embeds = self.decoder.get_input_embeddings()(input_ids)  # (B, T, D)
+        image_mask = input_ids == self.image_token_id
+        num_slots = int(image_mask.sum())
+        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if num_slots != num_images * self.num_image_tokens:
+            raise VLMError(
+                f"{num_slots} image-token positions for {num_images} images of {self.num_image_tokens} tokens each"
+            )
+        if num_images == 0:
+            return embeds
+        image_embeds = self.encode_images(pixel_values)  # (num_images, N, D)
+        # masked_scatter fills positions in row-major order, i.e. sample by sample, image by image.
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), image_embeds.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> VLMOutput:
+        embeds = self.embed(input_ids, pixel_values)
+        position_ids = None
+        if attention_mask is not None:  # positions count real tokens only, so left padding changes nothing
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        logits = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).logits
+        loss = None
+        if labels is not None:  # predict token t+1 from position t; only labelled positions count
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+            )
+        return VLMOutput(loss=loss, logits=logits)
+
+    @torch.no_grad()
+    def generate(
+        self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None = None, **generate_kwargs
+    ) -> Tensor:
+        """New token ids (B, T_new) for left-padded prompts; `generate_kwargs` go to transformers' `generate`
+        (KV cache, greedy / sampling / beam search, stopping, streaming)."""
+        embeds = self.embed(input_ids, pixel_values)
+        return self.decoder.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+
+
+def _random(decoder_cfg):
+    """The decoder config without pretrained weights (checkpoint loading fills the weights)."""
+    d = copy.deepcopy(decoder_cfg)
+    d.pretrained = False
+    return d

@@ -1,0 +1,249 @@
+"""The processor: tokenizer + image transform + chat template, producing batched tensors.
+
+A conversation is a list of `{"role", "content"}` messages whose user turns contain one `<image>` placeholder
+per image. It is rendered with the tokenizer's chat template (or `DEFAULT_CHAT_TEMPLATE`) and tokenized in
+segments, prompt and answer apart, so the labels cover exactly the assistant's tokens, by construction.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from vlm.config import VLMConfig
+from vlm.decoder import load_tokenizer
+from vlm.errors import VLMError
+
+IGNORE_INDEX = -100
+PROCESSOR_FILE = "processor_config.json"
+
+# ChatML, for tokenizers that bring no template of their own.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclass
+class ImageTransform:
+    """Resize to the encoder's input size (no crop: a question may be about the image's edge), scale, normalize.
+
+    Its numbers come from the encoder's own data config (`ImageEncoder.data_config`)."""
+
+    size: tuple[int, int]  # (H, W)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bicubic"
+
+    def __call__(self, images: list[Image.Image]) -> Tensor:
+        """RGB PIL images -> (n, 3, H, W) float32."""
+        h, w = self.size
+        resample = _RESAMPLE.get(self.interpolation, Image.Resampling.BICUBIC)
+        arr = np.stack([np.asarray(img.convert("RGB").resize((w, h), resample), dtype=np.float32) for img in images])
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2).div_(255.0)  # (n, H, W, 3) -> (n, 3, H, W)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+def add_image_token(tokenizer: PreTrainedTokenizerBase, image_token: str) -> None:
+    """Adds the image placeholder as a special token, and a pad token where the tokenizer has none."""
+    if image_token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([image_token], special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def tokenizer_for(config: VLMConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer a config names, with the image token added, ready for `VisionLanguageModel.from_config`."""
+    source = config.decoder.tokenizer or config.decoder.name_or_path
+    if not source:
+        raise VLMError("the config names no tokenizer (decoder.tokenizer or decoder.name_or_path)")
+    tokenizer = load_tokenizer(source)
+    add_image_token(tokenizer, config.image_token)
+    return tokenizer
+
+
+class Processor:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        transform: ImageTransform,
+        num_image_tokens: int,
+        image_token: str = "<image>",
+        caption_prompt: str = "Describe the image.",
+        max_length: int | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.transform = transform
+        self.num_image_tokens = num_image_tokens
+        self.image_token = image_token
+        self.caption_prompt = caption_prompt
+        self.max_length = max_length
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        self.chat_template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+        # Stop at the end of the assistant's turn as well as at the tokenizer's EOS.
+        self.stop_token_ids = sorted(
+            {i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")) if i is not None}
+            - {tokenizer.unk_token_id}
+        )
+
+    @classmethod
+    def from_model(cls, model, tokenizer: PreTrainedTokenizerBase) -> Processor:
+        """The processor for a built `VisionLanguageModel` (its encoder decides the image transform)."""
+        from vlm.decoder import context_length
+
+        dc = model.encoder.data_config
+        transform = ImageTransform(tuple(dc["input_size"][1:]), tuple(dc["mean"]), tuple(dc["std"]), dc["interpolation"])
+        return cls(
+            tokenizer,
+            transform,
+            model.num_image_tokens,
+            model.config.image_token,
+            model.config.caption_prompt,
+            context_length(model.decoder),
+        )
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        self.tokenizer.save_pretrained(path)
+        meta = {
+            "transform": asdict(self.transform),
+            "num_image_tokens": self.num_image_tokens,
+            "image_token": self.image_token,
+            "caption_prompt": self.caption_prompt,
+            "max_length": self.max_length,
+            "chat_template": self.chat_template,
+        }
+        (path / PROCESSOR_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Processor:
+        """Loads from a checkpoint folder without building the model (e.g. in data-loading workers)."""
+        path = Path(path)
+        meta = json.loads((path / PROCESSOR_FILE).read_text())
+        tokenizer = load_tokenizer(str(path))
+        tokenizer.chat_template = meta["chat_template"]
+        t = meta["transform"]
+        transform = ImageTransform(tuple(t["size"]), tuple(t["mean"]), tuple(t["std"]), t["interpolation"])
+        return cls(
+            tokenizer,
+            transform,
+            meta["num_image_tokens"],
+            meta["image_token"],
+            meta["caption_prompt"],
+            meta["max_length"],
+        )
+
+    # ---- text -------------------------------------------------------------------------------------------
+
+    def with_placeholders(self, messages: list[dict[str, str]], num_images: int) -> list[dict[str, str]]:
+        """Checks the `<image>` placeholders; a conversation with none gets them before its first user turn."""
+        found = sum(m["content"].count(self.image_token) for m in messages)
+        if found == num_images:
+            return messages
+        if found == 0 and messages and messages[0]["role"] in ("user", "system"):
+            first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+            if first_user is not None:
+                messages = [dict(m) for m in messages]
+                messages[first_user]["content"] = (self.image_token + "\n") * num_images + messages[first_user][
+                    "content"
+                ]
+                return messages
+        raise VLMError(f"the conversation has {found} {self.image_token} placeholders for {num_images} images")
+
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def encode(
+        self, messages: list[dict[str, str]], num_images: int = 0, add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[int]]:
+        """Token ids and labels for one conversation; labels are IGNORE_INDEX except on assistant turns.
+
+        With `add_generation_prompt` the ids end with the assistant prompt, ready for generation.
+        Image placeholders are expanded to `num_image_tokens` image-token ids each.
+        """
+        messages = self.with_placeholders(messages, num_images)
+        segments: list[tuple[str, bool]] = []  # (text, is_answer)
+        done = ""
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = self._render(messages[:i], add_generation_prompt=True)
+            full = self._render(messages[: i + 1], add_generation_prompt=False)
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise VLMError("the chat template does not render conversations prefix by prefix; cannot mask labels")
+            segments += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
+            done = full
+        end = self._render(messages, add_generation_prompt=add_generation_prompt)
+        segments.append((end[len(done) :], False))
+        ids: list[int] = []
+        labels: list[int] = []
+        for text, is_answer in segments:
+            if not text:
+                continue
+            for tok in self.tokenizer(text, add_special_tokens=False)["input_ids"]:
+                n = self.num_image_tokens if tok == self.image_token_id else 1
+                ids += [tok] * n
+                labels += [tok if is_answer else IGNORE_INDEX] * n
+        if self.max_length is not None and len(ids) > self.max_length:
+            raise VLMError(f"the conversation is {len(ids)} tokens, longer than the decoder's {self.max_length}")
+        return ids, labels
+
+    def prompt(self, text: str, num_images: int = 1, history: list[dict[str, str]] | None = None) -> list[int]:
+        """Token ids for one user turn (after an optional history), ending with the assistant prompt."""
+        if not text.strip():
+            raise VLMError("the question is empty")
+        messages = [*(history or []), {"role": "user", "content": text}]
+        return self.encode(messages, num_images, add_generation_prompt=True)[0]
+
+    def pad(self, sequences: list[list[int]], padding_side: str, labels: list[list[int]] | None = None) -> dict[str, Tensor]:
+        """Pads to the longest sequence: left for generation, right for training."""
+        longest = max(len(s) for s in sequences)
+        pad_id = self.tokenizer.pad_token_id
+        ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+        out_labels = torch.full((len(sequences), longest), IGNORE_INDEX, dtype=torch.long)
+        for i, s in enumerate(sequences):
+            span = slice(longest - len(s), longest) if padding_side == "left" else slice(0, len(s))
+            ids[i, span] = torch.tensor(s, dtype=torch.long)
+            mask[i, span] = 1
+            if labels is not None:
+                out_labels[i, span] = torch.tensor(labels[i], dtype=torch.long)
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if labels is not None:
+            batch["labels"] = out_labels
+        return batch
+
+    def __call__(
+        self, prompts: list[str], images: list[list[Image.Image]], history: list[list[dict[str, str]]] | None = None
+    ) -> dict[str, Any]:
+        """A left-padded generation batch: one prompt and its images (possibly none) per sample."""
+        if len(prompts) != len(images):
+            raise VLMError(f"{len(prompts)} prompts for {len(images)} image lists")
+        seqs = [
+            self.prompt(p, len(imgs), history[i] if history else None) for i, (p, imgs) in enumerate(zip(prompts, images))
+        ]
+        batch = self.pad(seqs, "left")
+        flat = [img for imgs in images for img in imgs]
+        batch["pixel_values"] = self.transform(flat) if flat else None
+        return batch
+
+    def decode(self, ids: Tensor | list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
