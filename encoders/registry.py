@@ -54,7 +54,9 @@ class ImageEncoder(nn.Module):
         self.keep_prefix_tokens = keep_prefix_tokens and self.num_prefix_tokens > 0
         self.data_config = self._data_config(model)
         self.num_features, self.grid_size = self._feature_shape()
-        self.num_tokens = self.grid_size[0] * self.grid_size[1] + (self.num_prefix_tokens if self.keep_prefix_tokens else 0)
+        self.num_tokens = self.grid_size[0] * self.grid_size[1] + (
+            self.num_prefix_tokens if self.keep_prefix_tokens else 0
+        )
 
     @staticmethod
     def _data_config(model: nn.Module) -> dict[str, Any]:

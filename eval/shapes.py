@@ -50,6 +50,9 @@ OBJECT_SIZE = 11
 
 BACKGROUND = (255, 255, 255)
 
+CHAT_TURNS = 5
+"""Questions per conversation row in ``{split}_chat.jsonl``."""
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0),
     "green": (0, 255, 0),
@@ -326,8 +329,10 @@ def generate_shapes(out: str | Path, train: int = 10000, val: int = 200, test: i
     """Generate the Sort-of-CLEVR benchmark (Santoro et al. 2017) as PNG images and JSONL files.
 
     Writes ``images/{split}_{index:05d}.png``, question files ``{split}.jsonl`` (20 questions per image: 10
-    non-relational, 10 relational) and caption files ``{split}_captions.jsonl`` (one caption per image) for the
-    train, val and test splits. The output is fully determined by the seed; existing files are overwritten.
+    non-relational, 10 relational), caption files ``{split}_captions.jsonl`` (one caption per image) and
+    ``{split}_chat.jsonl`` (the same 20 questions per image as 4 multi-turn conversations of 5, in shuffled
+    order: training reads each image once per 5 answers, in rows about as long as a caption row) for the train,
+    val and test splits. The output is fully determined by the seed; existing files are overwritten.
 
     Args:
         out: Output folder; created if missing.
@@ -338,7 +343,7 @@ def generate_shapes(out: str | Path, train: int = 10000, val: int = 200, test: i
 
     Returns:
         Summary dict: ``out``, ``seed``, and per split (``splits[name]``) the numbers of ``images``, ``questions``
-        and ``captions`` and the paths of its ``questions_file`` and ``captions_file``.
+        and ``captions`` and the paths of its ``questions_file``, ``captions_file`` and ``chat_file``.
 
     Raises:
         ValueError: If a count or the seed is not a non-negative integer, or ``out`` is not a path.
@@ -357,26 +362,40 @@ def generate_shapes(out: str | Path, train: int = 10000, val: int = 200, test: i
     for split, n in counts.items():
         q_path = out_dir / f"{split}.jsonl"
         c_path = out_dir / f"{split}_captions.jsonl"
+        chat_path = out_dir / f"{split}_chat.jsonl"
         n_questions = 0
         with (
             q_path.open("w", encoding="utf-8", newline="\n") as fq,
             c_path.open("w", encoding="utf-8", newline="\n") as fc,
+            chat_path.open("w", encoding="utf-8", newline="\n") as fchat,
         ):
             for index in range(n):
                 rng = _image_rng(seed, split, index)
                 scene = random_scene(rng)
                 rel = image_name(split, index)
                 render_scene(scene).save(out_dir / rel, format="PNG")
-                for row in questions_for_scene(scene, rng):
+                questions = questions_for_scene(scene, rng)
+                for row in questions:
                     fq.write(json.dumps({"image": rel, **row}) + "\n")
                     n_questions += 1
                 fc.write(json.dumps({"image": rel, "caption": caption_for_scene(scene)}) + "\n")
+                # Shuffled so every question type also comes first, as it does when asked on its own.
+                order = rng.permutation(len(questions))
+                for start in range(0, len(order), CHAT_TURNS):
+                    turns = []
+                    for i in order[start : start + CHAT_TURNS]:
+                        turns += [
+                            {"role": "user", "content": questions[i]["question"]},
+                            {"role": "assistant", "content": questions[i]["answer"]},
+                        ]
+                    fchat.write(json.dumps({"image": rel, "conversations": turns}) + "\n")
         summary["splits"][split] = {
             "images": n,
             "questions": n_questions,
             "captions": n,
             "questions_file": str(q_path),
             "captions_file": str(c_path),
+            "chat_file": str(chat_path),
         }
     return summary
 

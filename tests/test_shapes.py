@@ -151,6 +151,15 @@ def test_counts_splits_and_layout(dataset: tuple[Path, dict]) -> None:
         images = [f"images/{split}_{i:05d}.png" for i in range(n)]
         assert [c["image"] for c in captions] == images
         assert sorted({q["image"] for q in questions}) == images
+        chats = _read_jsonl(Path(info["chat_file"]))
+        assert [c["image"] for c in chats] == [i for i in images for _ in range(4)]
+        for image in images:
+            rows = [q for q in questions if q["image"] == image]
+            # Its 4 conversations hold the same 20 question/answer pairs, 5 each, alternating user/assistant.
+            turns = [t for c in chats if c["image"] == image for t in c["conversations"]]
+            assert [t["role"] for t in turns] == ["user", "assistant"] * 20
+            pairs = sorted((turns[i]["content"], turns[i + 1]["content"]) for i in range(0, 40, 2))
+            assert pairs == sorted((q["question"], q["answer"]) for q in rows)
         for image in images:
             rows = [q for q in questions if q["image"] == image]
             assert [q["type"] for q in rows].count("non_relational") == 10

@@ -13,13 +13,14 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
 from vlm.config import VLMConfig
 from vlm.errors import VLMError
 from vlm.model import VisionLanguageModel
-from vlm.processor import Processor, tokenizer_for
+from vlm.processor import PROCESSOR_FILE, Processor, tokenizer_for
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -45,6 +46,10 @@ def save_checkpoint(model: VisionLanguageModel, path: str | Path, processor: Pro
         save_safetensors(model, str(tmp / WEIGHTS_FILE))
         if processor is not None:
             processor.save_pretrained(tmp)
+        # mkdtemp and safetensors make owner-only files; a checkpoint is meant to be shared like any folder.
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         if path.exists():
             # Keep files others put beside the weights (e.g. a model card), then swap in one rename.
             for extra in path.iterdir():
@@ -67,17 +72,28 @@ def load_model(path: str | Path) -> VisionLanguageModel:
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise VLMError(f"not a vlm checkpoint folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}): {path}")
     config = VLMConfig.load(path / CONFIG_FILE)
-    tokenizer = Processor.from_pretrained(path).tokenizer
+    # A model saved without its processor takes the tokenizer its config names.
+    has_processor = (path / PROCESSOR_FILE).is_file()
+    tokenizer = Processor.from_pretrained(path).tokenizer if has_processor else tokenizer_for(config)
     model = VisionLanguageModel.from_config(config, tokenizer, pretrained=False)
-    missing, unexpected = load_safetensors(model, str(path / WEIGHTS_FILE), strict=False)
+    try:
+        missing, unexpected = load_safetensors(model, str(path / WEIGHTS_FILE), strict=False)
+    except SafetensorError as e:
+        raise VLMError(f"corrupt weights file {path / WEIGHTS_FILE}: {e}") from None
+    except RuntimeError as e:  # shape mismatches; the first one says enough
+        first = str(e).splitlines()[1:2] or [str(e)]
+        raise VLMError(f"checkpoint {path} does not match its config: {first[0].strip()}") from None
     if missing or unexpected:
-        raise VLMError(f"checkpoint {path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        missing, unexpected = sorted(missing)[:3], sorted(unexpected)[:3]  # safetensors returns sets
+        raise VLMError(f"checkpoint {path} does not match its config: missing {missing}, unexpected {unexpected}")
     return model.eval()
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """A checkpoint folder's model (in eval mode, on `device`, in `dtype`) and processor."""
     model = load_model(path).to(device=device, dtype=dtype)
+    if not (Path(path) / PROCESSOR_FILE).is_file():
+        return model, Processor.from_model(model, tokenizer_for(model.config))
     return model, Processor.from_pretrained(path)
 
 

@@ -1,7 +1,7 @@
 """The `vlm` console script: one entry point, one typed function per subcommand.
 
 A subcommand's options and `--help` come from its function's signature and docstring (jsonargparse);
-required parameters (and those in `OPTIONAL_POSITIONALS`) are positional, a dataclass parameter is
+required parameters (except `REQUIRED_OPTIONS`; plus `OPTIONAL_POSITIONALS`) are positional, a dataclass parameter is
 flattened into plain options. Only the chosen subcommand's module is imported, so `vlm caption` never
 pays for Lightning; `fit`/`validate` hand over to LightningCLI in `train/`.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import json
 import os
 import sys
 import typing
@@ -24,10 +25,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ask": ("vlm.commands:ask", "answer a question about an image, or a JSONL file of questions"),
     "chat": ("vlm.commands:chat", "talk about an image, turn by turn"),
     "init": ("vlm.commands:init", "write an untrained checkpoint of a preset"),
+    "eval": ("eval.runner:evaluate", "score a model (or a predictions file) on a VQA or caption benchmark"),
     "fit": ("train.cli:main", "train a model (LightningCLI; --config samples/configs/NAME.yaml)"),
     "validate": ("train.cli:main", "validate a model (LightningCLI)"),
+    "export": ("train.export:export", "turn a training checkpoint (.ckpt) into a vlm checkpoint folder"),
+    "export-hf": ("vlm.hf:export_hf", "write a transformers LLaVA folder from a vlm checkpoint"),
+    "import-hf": ("vlm.hf:import_hf", "make a vlm checkpoint from a transformers LLaVA folder (or hub id)"),
+    "data shapes": ("eval.shapes:generate_shapes", "generate the Sort-of-CLEVR benchmark (JSONL + PNG)"),
 }
 OPTIONAL_POSITIONALS: dict[str, tuple[str, ...]] = {"ask": ("image", "question")}
+# Required parameters that read better as options than as positionals.
+REQUIRED_OPTIONS: dict[str, tuple[str, ...]] = {"data shapes": ("out",)}
 LIGHTNING_COMMANDS = {"fit", "validate"}
 
 
@@ -73,11 +81,16 @@ def build_parser(name: str, fn: Callable):
         inner = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
         if dataclasses.is_dataclass(inner[0]):
             flattened[p.name] = inner[0]
+        elif p.name in REQUIRED_OPTIONS.get(name, ()):
+            parser.add_argument(f"--{p.name}", required=True, help=docs.get(p.name, ""))
+            positional.append(p.name)
         elif p.default is p.empty or p.name in OPTIONAL_POSITIONALS.get(name, ()):
             is_list = typing.get_origin(hint) is list
             required = p.default is p.empty
             nargs = ("+" if required else "*") if is_list else (None if required else "?")
-            parser.add_argument(p.name, nargs=nargs, help=docs.get(p.name, ""), **({} if required else {"default": p.default}))
+            parser.add_argument(
+                p.name, nargs=nargs, help=docs.get(p.name, ""), **({} if required else {"default": p.default})
+            )
             positional.append(p.name)
         elif hint is bool:  # a bare --flag means true (and --no_flag false)
             parser.add_argument(f"--{p.name}", action=ActionYesNo, default=p.default, help=docs.get(p.name, ""))
@@ -93,6 +106,8 @@ def run(args: list[str]) -> int:
         print(_usage())
         return 0 if args else 2
     name, rest = args[0], args[1:]
+    if rest and f"{name} {rest[0]}" in COMMANDS:  # two-word commands, e.g. `vlm data shapes`
+        name, rest = f"{name} {rest[0]}", rest[1:]
     if name not in COMMANDS:
         raise VLMError(f"unknown command {name!r}\n{_usage()}")
     fn = _load(COMMANDS[name][0])
@@ -105,7 +120,11 @@ def run(args: list[str]) -> int:
     for param, cls in flattened.items():
         fields = {f.name for f in dataclasses.fields(cls)}
         values[param] = cls(**{k: values.pop(k) for k in list(values) if k in fields})
-    return fn(**values) or 0
+    result = fn(**values)
+    if isinstance(result, dict):  # a summary (e.g. of generated files): print it for the user and for scripts
+        print(json.dumps(result, indent=2))
+        return 0
+    return result or 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,6 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("vlm: interrupted", file=sys.stderr)
         code = 130
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141
     sys.exit(code)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,11 +32,14 @@ class Item:
     error: str | None = None
     prediction: str | None = None
     pixels: list = field(default_factory=list)
+    line: int | None = None  # the JSONL line it came from
+    # Where the images come from when they are not files (e.g. a datasets row): called when its batch is run,
+    # so a large in-memory dataset is decoded batch by batch; raises VLMError for a bad image.
+    source: Callable[[], list] | None = None
 
 
 def _items_from_inputs(inputs: list[str], caption_prompt: str) -> tuple[list[Item], bool]:
     """Expands image files, folders of images and JSONL files into items; says whether it was one image."""
-    from vlm.data import read_jsonl
     from vlm.images import list_images
 
     items: list[Item] = []
@@ -62,9 +65,11 @@ def _items_from_jsonl(path: Path, caption_prompt: str) -> list[Item]:
     items = []
     for ex in read_jsonl(path, caption_prompt, require_target=False):
         if isinstance(ex, RowError):
-            items.append(Item({"line": ex.line}, [], "", error=str(ex)))
+            # Keep the row's own fields (e.g. an id) where the line was a JSON object, so outputs join back.
+            row = ex.row if isinstance(ex.row, dict) else {"line": ex.line}
+            items.append(Item(row, [], "", error=str(ex), line=ex.line))
         else:
-            items.append(Item(ex.row, ex.images, ex.prompt))
+            items.append(Item(ex.row, ex.images, ex.prompt, line=ex.line))
     return items
 
 
@@ -72,13 +77,18 @@ def _load_pixels(item: Item) -> None:
     from vlm.images import load_image
 
     try:
-        item.pixels = [load_image(p) for p in item.images]
+        item.pixels = item.source() if item.source is not None else [load_image(p) for p in item.images]
     except VLMError as e:
         item.error = str(e)
 
 
-def _run(items: list[Item], model, processor, gen: GenerationOptions, batch_size: int, stream: bool) -> Iterator[Item]:
-    """Answers items in input order, `batch_size` at a time; a bad item gets an error and the run goes on."""
+def run_items(
+    items: list[Item], model, processor, gen: GenerationOptions, batch_size: int, stream: bool = False
+) -> Iterator[Item]:
+    """Answers items in input order, `batch_size` at a time; a bad item gets an error and the run goes on.
+
+    Each item is yielded with `prediction` or `error` set; its images are released once its batch is done.
+    """
     if batch_size < 1:
         raise VLMError("batch_size must be at least 1")
     bar = tqdm(total=len(items), unit="item", disable=len(items) < 2 or None, file=sys.stderr)
@@ -97,6 +107,8 @@ def _run(items: list[Item], model, processor, gen: GenerationOptions, batch_size
                 except VLMError as e:
                     it.error = str(e)
         bar.update(len(batch))
+        for it in batch:
+            it.pixels = []  # keeps memory flat over a long run
         yield from batch
     bar.close()
 
@@ -104,7 +116,9 @@ def _run(items: list[Item], model, processor, gen: GenerationOptions, batch_size
 def _answer(items: list[Item], model, processor, gen: GenerationOptions, stream: bool) -> None:
     if not items:
         return
-    answers = generate_texts(model, processor, [it.prompt for it in items], [it.pixels for it in items], gen, stream=stream)
+    answers = generate_texts(
+        model, processor, [it.prompt for it in items], [it.pixels for it in items], gen, stream=stream
+    )
     for it, answer in zip(items, answers):
         it.prediction = answer
 
@@ -135,7 +149,10 @@ def _emit(items: Iterator[Item], output: str | None, as_json: bool, single: bool
     if tmp:
         os.replace(tmp, output)  # the output file appears only once complete
     if failed and total > 1:
-        print(f"vlm: {failed} of {total} items failed" + (f" (see 'error' in {output})" if output else ""), file=sys.stderr)
+        print(
+            f"vlm: {failed} of {total} items failed" + (f" (see 'error' in {output})" if output else ""),
+            file=sys.stderr,
+        )
     return failed
 
 
@@ -171,7 +188,7 @@ def caption(
     net, processor = _open(model, device, dtype)
     items, single = _items_from_inputs(inputs, processor.caption_prompt)
     stream = single and not output and not json and sys.stdout.isatty()
-    failed = _emit(_run(items, net, processor, gen, batch_size, stream), output, json, single, stream)
+    failed = _emit(run_items(items, net, processor, gen, batch_size, stream), output, json, single, stream)
     return 2 if failed else 0
 
 
@@ -215,11 +232,11 @@ def ask(
         items, single = _items_from_jsonl(Path(input), processor.caption_prompt), False
         for it in items:
             if it.error is None and "question" not in it.row:
-                it.error = f"line {it.row.get('line', '?')}: the row has no 'question'"
+                it.error = f"line {it.line}: the row has no 'question'"
     else:
         items, single = [Item({"image": image, "question": question}, [Path(image)], question)], True
     stream = single and not output and not json and sys.stdout.isatty()
-    failed = _emit(_run(items, net, processor, gen, batch_size, stream), output, json, single, stream)
+    failed = _emit(run_items(items, net, processor, gen, batch_size, stream), output, json, single, stream)
     return 2 if failed else 0
 
 

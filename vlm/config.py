@@ -80,19 +80,28 @@ class VLMConfig:
             raise VLMError(f"unknown config keys: {', '.join(sorted(unknown))}")
         d = dict(d)
         d.pop("format_version", None)
-        return cls(
-            encoder=EncoderConfig(**d.pop("encoder", {})),
-            projector=ProjectorConfig(**d.pop("projector", {})),
-            decoder=DecoderConfig(**d.pop("decoder", {})),
-            **d,
-        )
+        try:
+            return cls(
+                encoder=EncoderConfig(**d.pop("encoder", {})),
+                projector=ProjectorConfig(**d.pop("projector", {})),
+                decoder=DecoderConfig(**d.pop("decoder", {})),
+                **d,
+            )
+        except TypeError as e:  # an unknown key inside a part, or a part that is not an object
+            raise VLMError(f"bad config: {e}") from None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps({"format_version": 1, **self.to_dict()}, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> VLMConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise VLMError(f"bad JSON in {path}: {e}") from None
+        if not isinstance(d, dict):
+            raise VLMError(f"bad config {path}: not a JSON object")
+        return cls.from_dict(d)
 
     @classmethod
     def from_name(cls, name: str) -> VLMConfig:
@@ -131,14 +140,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "projector": {"kind": "mlp"},
         "decoder": {"hf_config": _llama(64, 2, 2, 1, 128, 1024), "tokenizer": TINY_TOKENIZER},
     },
-    # Small from-scratch model sized for the shapes benchmark (75x75 images) on a CPU.
+    # Small from-scratch model sized for the shapes benchmark (75x75 images, 5x5 patches of 15 px) on a CPU.
+    # The context fits a 20-question conversation about one image (about 650 tokens).
     "shapes": {
         "encoder": {
             "name": "vit_tiny_patch16_224",
             "overrides": {"img_size": 75, "patch_size": 15, "embed_dim": 128, "depth": 4, "num_heads": 4},
         },
         "projector": {"kind": "mlp"},
-        "decoder": {"hf_config": _llama(128, 4, 4, 2, 384, 512), "tokenizer": TINY_TOKENIZER},
+        "decoder": {"hf_config": _llama(128, 3, 4, 2, 384, 1024), "tokenizer": TINY_TOKENIZER},
     },
     # Shaped like nanoVLM-222M: SigLIP-B/16-224 + SmolLM2-135M, pixel shuffle to 49 image tokens.
     "nanovlm-222m": {

@@ -31,6 +31,7 @@ class RowError(VLMError):
         where = f"{source}:{line}: " if line is not None and source else (f"line {line}: " if line else "")
         super().__init__(where + message)
         self.line = line
+        self.row: Any = None  # the parsed row, when the line was valid JSON (read_jsonl sets it)
 
 
 @dataclass
@@ -78,7 +79,9 @@ def _as_list(value: Any, name: str) -> list[str]:
     return values
 
 
-def parse_row(row: Any, base: Path, caption_prompt: str, require_target: bool = True, line: int | None = None) -> Example:
+def parse_row(
+    row: Any, base: Path, caption_prompt: str, require_target: bool = True, line: int | None = None
+) -> Example:
     """One JSON row to an `Example`; raises `RowError` saying what is wrong with it."""
     try:
         if not isinstance(row, dict):
@@ -151,4 +154,5 @@ def read_jsonl(
             try:
                 yield parse_row(row, base, caption_prompt, require_target, number)
             except RowError as e:
+                e.row = row
                 yield e

@@ -30,6 +30,8 @@ def load_image(path: str | Path, limit: int | None = None) -> Image.Image:
         raise VLMError(f"image not found: {path}")
     if path.is_dir():
         raise VLMError(f"expected an image file, got a folder: {path}")
+    # Pillow has its own bomb check (an error at twice its limit); make it follow ours, which runs first.
+    Image.MAX_IMAGE_PIXELS = limit
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

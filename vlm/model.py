@@ -49,7 +49,12 @@ class VisionLanguageModel(nn.Module):
     """A plain `nn.Module`: build it with `from_config` (fresh) or `from_pretrained` (a checkpoint folder)."""
 
     def __init__(
-        self, config: VLMConfig, encoder: ImageEncoder, projector: nn.Module, decoder: PreTrainedModel, image_token_id: int
+        self,
+        config: VLMConfig,
+        encoder: ImageEncoder,
+        projector: nn.Module,
+        decoder: PreTrainedModel,
+        image_token_id: int,
     ):
         super().__init__()
         self.config = config

@@ -108,7 +108,9 @@ class Processor:
         from vlm.decoder import context_length
 
         dc = model.encoder.data_config
-        transform = ImageTransform(tuple(dc["input_size"][1:]), tuple(dc["mean"]), tuple(dc["std"]), dc["interpolation"])
+        transform = ImageTransform(
+            tuple(dc["input_size"][1:]), tuple(dc["mean"]), tuple(dc["std"]), dc["interpolation"]
+        )
         return cls(
             tokenizer,
             transform,
@@ -213,7 +215,9 @@ class Processor:
         messages = [*(history or []), {"role": "user", "content": text}]
         return self.encode(messages, num_images, add_generation_prompt=True)[0]
 
-    def pad(self, sequences: list[list[int]], padding_side: str, labels: list[list[int]] | None = None) -> dict[str, Tensor]:
+    def pad(
+        self, sequences: list[list[int]], padding_side: str, labels: list[list[int]] | None = None
+    ) -> dict[str, Tensor]:
         """Pads to the longest sequence: left for generation, right for training."""
         longest = max(len(s) for s in sequences)
         pad_id = self.tokenizer.pad_token_id
@@ -238,7 +242,8 @@ class Processor:
         if len(prompts) != len(images):
             raise VLMError(f"{len(prompts)} prompts for {len(images)} image lists")
         seqs = [
-            self.prompt(p, len(imgs), history[i] if history else None) for i, (p, imgs) in enumerate(zip(prompts, images))
+            self.prompt(p, len(imgs), history[i] if history else None)
+            for i, (p, imgs) in enumerate(zip(prompts, images))
         ]
         batch = self.pad(seqs, "left")
         flat = [img for imgs in images for img in imgs]

@@ -1,0 +1,296 @@
+"""Model cards: a checkpoint folder's README.md, generated from the folder's own files, never hand-written numbers.
+
+Sources, all inside the checkpoint folder:
+
+* `config.json` and `processor_config.json`: the architecture;
+* `model.safetensors`: parameter counts per part, read from the file's header without loading any weights;
+* `training.json` (if present): the record of the training run, shown as it is;
+* `eval_results.json`: the latest `vlm eval` results per benchmark, written by `vlm eval` through
+  `write_model_card(dir, report)`. Each result records the SHA-256 of the weights it was measured on; results of
+  other weights (the folder was trained further or overwritten since) are kept in the file but not shown as this
+  model's numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from vlm.errors import VLMError
+
+CARD_FILE = "README.md"
+EVAL_RESULTS_FILE = "eval_results.json"
+TRAINING_FILE = "training.json"
+_CONFIG_FILE = "config.json"
+_WEIGHTS_FILE = "model.safetensors"
+_PROCESSOR_FILE = "processor_config.json"
+PARTS = ("encoder", "projector", "decoder")
+# The parts of a `vlm eval` report an eval_results.json entry keeps (not the per-row failures).
+_RESULT_KEYS = (
+    "data", "task", "num_rows", "num_scored", "num_failed", "metrics", "by_type", "type_counts", "notes",
+    "generation", "dtype", "evaluated_at",
+)  # fmt: skip
+
+
+def parameter_counts(model_dir: str | Path) -> dict[str, int]:
+    """Parameters per top-level part (encoder, projector, decoder, and any other prefix) and "total".
+
+    Read from the safetensors header (shapes only). Tied weights are stored once, so each counts once, as in
+    `sum(p.numel() for p in model.parameters())`.
+    """
+    from safetensors import safe_open
+
+    counts = dict.fromkeys(PARTS, 0)
+    with safe_open(str(Path(model_dir) / _WEIGHTS_FILE), framework="pt") as f:
+        for name in f.keys():
+            n = 1
+            for dim in f.get_slice(name).get_shape():
+                n *= dim
+            part = name.split(".", 1)[0]
+            counts[part] = counts.get(part, 0) + n
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def _weights_dtypes(model_dir: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / _WEIGHTS_FILE), framework="pt") as f:
+        return sorted({f.get_slice(name).get_dtype() for name in f.keys()})
+
+
+def weights_digest(model_dir: str | Path) -> str:
+    """SHA-256 of model.safetensors: which weights an evaluation measured."""
+    h = hashlib.sha256()
+    with (Path(model_dir) / _WEIGHTS_FILE).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise VLMError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_eval_results(model_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """The recorded `vlm eval` results of a checkpoint folder, keyed by benchmark (data file or dataset)."""
+    path = Path(model_dir) / EVAL_RESULTS_FILE
+    if not path.is_file():
+        return {}
+    results = _read_json(path).get("results", {})
+    if not isinstance(results, dict):
+        raise VLMError(f"{path}: 'results' must map benchmarks to results")
+    return results
+
+
+def record_eval_result(model_dir: str | Path, report: dict[str, Any], digest: str | None = None) -> None:
+    """Stores a `vlm eval` report in the folder's eval_results.json, replacing any earlier one for the same data."""
+    model_dir = Path(model_dir)
+    missing = [k for k in ("data", "task", "metrics") if k not in report]
+    if missing:
+        raise VLMError(f"not a vlm eval report: it has no {', '.join(missing)}")
+    results = read_eval_results(model_dir)
+    entry = {k: report[k] for k in _RESULT_KEYS if k in report}
+    entry["weights_sha256"] = digest or weights_digest(model_dir)
+    results[str(report["data"])] = entry
+    text = json.dumps({"format_version": 1, "results": results}, indent=2, ensure_ascii=False) + "\n"
+    _write_atomic(model_dir / EVAL_RESULTS_FILE, text)
+
+
+def write_model_card(model_dir: str | Path, report: dict[str, Any] | None = None) -> Path:
+    """(Re)writes README.md in a checkpoint folder from the folder's files; returns its path.
+
+    Args:
+        model_dir: The checkpoint folder (config.json + model.safetensors).
+        report: A `vlm eval` report to record first in the folder's eval_results.json (keyed by its data).
+    """
+    model_dir = Path(model_dir)
+    if not (model_dir / _CONFIG_FILE).is_file() or not (model_dir / _WEIGHTS_FILE).is_file():
+        raise VLMError(f"not a vlm checkpoint folder (needs {_CONFIG_FILE} and {_WEIGHTS_FILE}): {model_dir}")
+    digest = weights_digest(model_dir)
+    if report is not None:
+        record_eval_result(model_dir, report, digest)
+    card = render_model_card(model_dir, digest)
+    path = model_dir / CARD_FILE
+    _write_atomic(path, card)
+    return path
+
+
+# ---- rendering -----------------------------------------------------------------------------------------------------
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 10_000 else str(n)
+
+
+def _kv(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in d.items())
+
+
+def _describe_parts(config: dict[str, Any]) -> dict[str, str]:
+    enc, proj, dec = config.get("encoder", {}), config.get("projector", {}), config.get("decoder", {})
+    overrides = f" ({_kv(enc['overrides'])})" if enc.get("overrides") else ""
+    prefix = ", class/register tokens kept" if enc.get("keep_prefix_tokens") else ""
+    encoder = f"timm `{enc.get('name')}`{overrides}; features of layer {enc.get('feature_layer', -1)}{prefix}"
+    projector = f"`{proj.get('kind', 'mlp')}`"
+    if proj.get("kind") == "pixel_shuffle":
+        projector += f", factor {proj.get('factor')} ({proj.get('factor', 1) ** 2}x fewer image tokens)"
+    hf = dec.get("hf_config", {})
+    shape = [
+        f"{hf['num_hidden_layers']} layers" if "num_hidden_layers" in hf else None,
+        f"hidden size {hf['hidden_size']}" if "hidden_size" in hf else None,
+        f"{hf['num_attention_heads']} attention heads" if "num_attention_heads" in hf else None,
+        f"{hf['num_key_value_heads']} key/value heads" if "num_key_value_heads" in hf else None,
+        f"FFN {hf['intermediate_size']}" if "intermediate_size" in hf else None,
+        f"vocabulary {hf['vocab_size']}" if "vocab_size" in hf else None,
+        f"context {hf['max_position_embeddings']} tokens" if "max_position_embeddings" in hf else None,
+        "tied input/output embeddings" if hf.get("tie_word_embeddings") else None,
+    ]
+    decoder = f"transformers `{hf.get('model_type', '?')}`: " + ", ".join(s for s in shape if s)
+    if dec.get("name_or_path"):
+        decoder += f"; architecture of `{dec['name_or_path']}`"
+    return {"encoder": encoder, "projector": projector, "decoder": decoder}
+
+
+def _architecture(model_dir: Path, config: dict[str, Any], processor: dict[str, Any]) -> list[str]:
+    counts = parameter_counts(model_dir)
+    total = counts["total"]
+    parts = _describe_parts(config)
+    lines = ["| part | architecture | parameters |", "|---|---|---:|"]
+    for part in [*PARTS, *(p for p in counts if p not in (*PARTS, "total"))]:
+        share = f" ({100 * counts[part] / total:.1f}%)" if total else ""
+        lines.append(f"| {part} | {parts.get(part, '')} | {counts[part]:,}{share} |")
+    lines.append(f"| **total** | | **{total:,}** ({_millions(total)}) |")
+    lines.append("")
+    size = (model_dir / _WEIGHTS_FILE).stat().st_size
+    lines.append(f"- Weights: `{_WEIGHTS_FILE}`, {', '.join(_weights_dtypes(model_dir))}, {size / 1e6:.1f} MB.")
+    if processor:
+        h, w = processor.get("transform", {}).get("size", ["?", "?"])
+        lines.append(
+            f"- Images: resized to {w}x{h} pixels, {processor.get('num_image_tokens')} image tokens each, "
+            f"placeholder `{processor.get('image_token', config.get('image_token'))}`."
+        )
+        if processor.get("max_length"):
+            lines.append(f"- Context: {processor['max_length']} tokens, image tokens included.")
+    dec = config.get("decoder", {})
+    tokenizer = dec.get("tokenizer") or dec.get("name_or_path")
+    if tokenizer:  # a local folder is named, not its machine-specific path
+        shown = Path(tokenizer).name if Path(tokenizer).is_absolute() else tokenizer
+        lines.append(f"- Tokenizer: `{shown}`, saved in this folder.")
+    lines.append(f'- Caption prompt: "{config.get("caption_prompt", "")}".')
+    return lines
+
+
+def _training(model_dir: Path) -> list[str]:
+    path = model_dir / TRAINING_FILE
+    if not path.is_file():
+        return [f"Unknown: this folder has no `{TRAINING_FILE}` (the record a training run writes beside the weights)."]
+    record = _read_json(path)
+    if not isinstance(record, dict):
+        return [f"`{TRAINING_FILE}`: `{json.dumps(record)[:500]}`"]
+    lines = [f"From `{TRAINING_FILE}`:", ""]
+    for key, value in record.items():
+        shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        if len(shown) > 300:
+            shown = shown[:297] + "..."
+        lines.append(f"- **{key}**: {shown}")
+    return lines
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _evaluation(results: dict[str, dict[str, Any]], digest: str) -> list[str]:
+    current = {k: v for k, v in results.items() if v.get("weights_sha256") == digest}
+    stale = len(results) - len(current)
+    if not current:
+        lines = ["No `vlm eval` results for these weights yet (`vlm eval --model DIR --data FILE` records them)."]
+    else:
+        lines = ["Measured by `vlm eval` on these exact weights (recorded in `eval_results.json`)."]
+    for data, r in sorted(current.items()):
+        names = list(r.get("metrics", {}))
+        counts = r.get("type_counts", {})
+        lines += [
+            "",
+            f"### `{data}`",
+            "",
+            f"Task {r.get('task')}; {r.get('num_rows')} rows, {r.get('num_scored')} scored, "
+            f"{r.get('num_failed')} failed; evaluated {r.get('evaluated_at', '?')}"
+            + (f", {r['dtype']}" if r.get("dtype") else "")
+            + (f", generation {_kv(r['generation'])}" if r.get("generation") else "")
+            + ".",
+            "",
+            "| | " + " | ".join(names) + " |",
+            "|---|" + "---:|" * len(names),
+            f"| overall ({r.get('num_scored')}) | " + " | ".join(_fmt(r["metrics"].get(n)) for n in names) + " |",
+        ]
+        for t, m in r.get("by_type", {}).items():
+            label = f"{t} ({counts[t]})" if t in counts else t
+            lines.append(f"| {label} | " + " | ".join(_fmt(m.get(n)) for n in names) + " |")
+        lines += [f"\nNote: {note}" for note in r.get("notes", [])]
+    if stale:
+        lines += ["", f"({stale} earlier result(s) in `eval_results.json` were measured on other weights; not shown.)"]
+    return lines
+
+
+def render_model_card(model_dir: str | Path, digest: str | None = None) -> str:
+    """The model card text of a checkpoint folder (see the module docstring for its sources)."""
+    model_dir = Path(model_dir)
+    config = _read_json(model_dir / _CONFIG_FILE)
+    processor = _read_json(model_dir / _PROCESSOR_FILE) if (model_dir / _PROCESSOR_FILE).is_file() else {}
+    digest = digest or weights_digest(model_dir)
+    name = model_dir.resolve().name
+    lines = [
+        "---",
+        "library_name: vlm",
+        "pipeline_tag: image-text-to-text",
+        "tags:",
+        "- vision-language",
+        "- vlm",
+        "---",
+        "",
+        f"# {name}",
+        "",
+        "A vision-language model of the vlm toolkit: a timm image encoder, a projector into the decoder's embedding "
+        "space, and a transformers causal language model that reads the image tokens in place of each `<image>`.",
+        "",
+        "This card is generated by `eval.model_card.write_model_card` from the files of this folder (config.json, "
+        "model.safetensors, processor_config.json, training.json, eval_results.json); edits to it are overwritten.",
+        "",
+        "## Architecture",
+        "",
+        *_architecture(model_dir, config, processor),
+        "",
+        "## Training data",
+        "",
+        *_training(model_dir),
+        "",
+        "## Evaluation",
+        "",
+        *_evaluation(read_eval_results(model_dir), digest),
+        "",
+        "## Usage",
+        "",
+        "```bash",
+        f"vlm caption --model {name} image.png",
+        f'vlm ask --model {name} image.png "What is in the image?"',
+        f"vlm eval --model {name} --data test.jsonl --output report.json",
+        "```",
+        "",
+        f"Weights SHA-256: `{digest}`.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,313 @@
+"""End-to-end tests of the `vlm` console script (vlm/cli.py, vlm/commands.py) on tiny checkpoints.
+
+Most runs call `vlm.cli.main` in-process (fast); two run the installed console script in a subprocess.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import assert_same_weights
+
+from vlm.checkpoint import DEFAULT_MODEL_DIR, load, load_model
+from vlm.cli import main
+from vlm.generation import GenerationOptions, generate_texts
+from vlm.images import load_image
+
+N = "4"  # --max-new-tokens for every run: enough to tell answers apart
+
+
+@pytest.fixture(autouse=True)
+def _no_debug(monkeypatch):
+    monkeypatch.delenv("VLM_DEBUG", raising=False)
+
+
+def run(capsys, *args: str, stdin: str | None = None, monkeypatch=None) -> tuple[int, str, str]:
+    """Runs `vlm ARGS` in-process: (exit code, stdout, stderr)."""
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *words: str, exit_code: int = 2) -> None:
+    assert code == exit_code
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vlm: error: "), err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+@pytest.fixture(scope="module")
+def expected(varied_checkpoint, image_folder):
+    """What the checkpoint answers, computed without the CLI."""
+    model, processor = load(varied_checkpoint)
+    options = GenerationOptions(max_new_tokens=int(N))
+
+    def answer(prompt: str, images: list[Path], history=None) -> str:
+        pixels = [load_image(p) for p in images]
+        return generate_texts(model, processor, [prompt], [pixels], options, [history] if history else None)[0]
+
+    return answer, processor.caption_prompt
+
+
+def test_caption_one_image(capsys, varied_checkpoint, image_folder, expected):
+    answer, caption_prompt = expected
+    code, out, err = run(capsys, "caption", image_folder / "a.png", "--model", varied_checkpoint, "--max-new-tokens", N)
+    assert (code, err) == (0, "")
+    want = answer(caption_prompt, [image_folder / "a.png"])
+    assert want and out == want + "\n"
+
+
+def test_caption_folder_to_jsonl(capsys, varied_checkpoint, image_folder, expected, tmp_path):
+    answer, caption_prompt = expected
+    output = tmp_path / "out.jsonl"
+    args = ["caption", image_folder, "--model", varied_checkpoint, "--max-new-tokens", N, "--output", output]
+    code, out, err = run(capsys, *args, "--batch_size", "2")
+    assert code == 2 and out == ""
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [Path(r["image"]).name for r in rows] == ["a.png", "b.png", "c.png", "d.png"]
+    bad = rows[1]
+    assert bad["prediction"] is None and "not an image" in bad["error"] and "b.png" in bad["error"]
+    for row in (rows[0], rows[2], rows[3]):
+        assert "error" not in row
+        assert row["prediction"] == answer(caption_prompt, [Path(row["image"])])  # batched as if alone
+    assert len({rows[i]["prediction"] for i in (0, 2, 3)}) == 3
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert all(line.startswith("vlm: ") for line in lines)
+    assert any("b.png" in line for line in lines) and "1 of 4 items failed" in lines[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]  # no partial file left
+    # Plain-text output: one "path<TAB>prediction" line per good image, same predictions.
+    code, out, err = run(capsys, *args[:-2], "--batch_size", "3")
+    assert code == 2
+    assert out.splitlines() == [f"{r['image']}\t{r['prediction']}" for r in rows if "error" not in r]
+
+
+def test_caption_jsonl_rows_keep_their_fields(capsys, varied_checkpoint, image_folder, expected, tmp_path):
+    answer, caption_prompt = expected
+    data = tmp_path / "imgs.jsonl"
+    shutil.copytree(image_folder, tmp_path / "pics")
+    rows = [
+        {"image": "pics/d.png", "id": 1, "tag": "x"},
+        {"image": "pics/missing.png", "id": 2},
+        {"image": "pics/a.png", "id": 3},
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    code, out, err = run(capsys, "caption", data, "--model", varied_checkpoint, "--max_new_tokens", N, "--json")
+    assert code == 2
+    got = [json.loads(line) for line in out.splitlines()]
+    assert [{k: v for k, v in g.items() if k not in ("prediction", "error")} for g in got] == rows
+    assert got[0]["prediction"] == answer(caption_prompt, [tmp_path / "pics" / "d.png"])
+    assert got[1]["prediction"] is None and "image not found" in got[1]["error"]
+    assert got[2]["prediction"] == answer(caption_prompt, [tmp_path / "pics" / "a.png"])
+
+
+def test_ask_one_image(capsys, varied_checkpoint, image_folder, expected):
+    answer, _ = expected
+    img = image_folder / "c.png"
+    code, out, err = run(capsys, "ask", img, "What colour is it?", "--model", varied_checkpoint, "--max-new-tokens", N)
+    assert (code, err) == (0, "")
+    assert out == answer("What colour is it?", [img]) + "\n"
+    code, out, err = run(
+        capsys, "ask", img, "What colour is it?", "--model", varied_checkpoint, "--max-new-tokens", N, "--json"
+    )
+    assert code == 0
+    assert json.loads(out) == {
+        "image": str(img),
+        "question": "What colour is it?",
+        "prediction": answer("What colour is it?", [img]),
+    }
+
+
+def test_ask_jsonl_file(capsys, varied_checkpoint, image_folder, expected, tmp_path):
+    answer, _ = expected
+    shutil.copytree(image_folder, tmp_path / "pics")
+    lines = [
+        json.dumps({"image": "pics/a.png", "question": "What colour?", "id": "q1", "answer": "red"}),
+        json.dumps({"question": "How are you?", "id": "q2"}),  # text-only
+        "{broken json",
+        json.dumps({"image": "pics/b.png", "question": "Shape?", "id": "q4"}),  # not an image
+        json.dumps({"image": "pics/c.png", "question": "", "id": "q5"}),
+        json.dumps({"image": "pics/c.png", "caption": "no question here", "id": "q6"}),
+        json.dumps({"image": ["pics/c.png", "pics/d.png"], "question": "<image> or <image>?", "id": "q7"}),
+        json.dumps({"question": "word " * 1100, "id": "q8"}),  # longer than the decoder's context
+    ]
+    (tmp_path / "q.jsonl").write_text("\n".join(lines) + "\n")
+    out_file = tmp_path / "a.jsonl"
+    args = ["ask", "--input", tmp_path / "q.jsonl", "--output", out_file, "--model", varied_checkpoint]
+    code, out, err = run(capsys, *args, "--max-new-tokens", N, "--batch_size", "3")
+    assert code == 2 and out == ""
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert len(rows) == 8
+    for line, row in zip(lines, rows, strict=True):
+        if line.startswith("{broken"):
+            assert row["line"] == 3 and "bad JSON" in row["error"]
+            continue
+        source = json.loads(line)
+        assert {k: v for k, v in row.items() if k not in ("prediction", "error")} == source  # other fields kept
+    pics = tmp_path / "pics"
+    assert rows[0]["prediction"] == answer("What colour?", [pics / "a.png"])
+    assert rows[1]["prediction"] == answer("How are you?", [])
+    assert "not an image" in rows[3]["error"]
+    assert rows[4]["error"].startswith("line 5: ") and "question" in rows[4]["error"]
+    assert rows[5]["error"] == "line 6: the row has no 'question'"
+    assert rows[6]["prediction"] == answer("<image> or <image>?", [pics / "c.png", pics / "d.png"])
+    assert "longer than the decoder's 1024" in rows[7]["error"]
+    assert [r.get("error") is None for r in rows] == [True, True, False, False, False, False, True, False]
+    assert "5 of 8 items failed" in err and "Traceback" not in err
+
+
+def test_chat_reads_turns_from_stdin(capsys, monkeypatch, varied_checkpoint, image_folder, expected):
+    answer, _ = expected
+    img = image_folder / "d.png"
+    stdin = "What colour is it?\n\nAnd the shape?\n/exit\nnever read\n"
+    code, out, err = run(
+        capsys, "chat", img, "--model", varied_checkpoint, "--max-new-tokens", N, stdin=stdin, monkeypatch=monkeypatch
+    )
+    assert (code, err) == (0, "")
+    first = answer("<image>\nWhat colour is it?", [img])
+    history = [{"role": "user", "content": "<image>\nWhat colour is it?"}, {"role": "assistant", "content": first}]
+    second = answer("And the shape?", [img], history)
+    assert out.splitlines() == [first, second]
+
+
+def test_max_new_tokens_spellings(capsys, varied_checkpoint, image_folder):
+    img = image_folder / "a.png"
+    outputs = []
+    for spelling in ("--max-new-tokens", "--max_new_tokens", "--max-new_tokens"):
+        code, out, _ = run(capsys, "caption", img, "--model", varied_checkpoint, spelling, "1")
+        assert code == 0
+        outputs.append(out)
+    assert outputs[0] == outputs[1] == outputs[2]
+    processor = load(varied_checkpoint)[1]
+    assert len(processor.tokenizer(outputs[0].strip(), add_special_tokens=False)["input_ids"]) <= 1
+
+
+@pytest.mark.skipif((DEFAULT_MODEL_DIR / "config.json").exists(), reason="the default model exists")
+def test_default_model_missing(capsys, image_folder):
+    code, out, err = run(capsys, "caption", image_folder / "a.png")
+    assert_one_line_error(code, err, "no default model", "vlm init", exit_code=1)
+    assert out == ""
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, image_folder) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad")
+    (root / "empty").mkdir()
+    (root / "q.jsonl").write_text(json.dumps({"image": str(image_folder / "a.png"), "question": "q"}) + "\n")
+    return {"root": root, "empty": root / "empty", "jsonl": root / "q.jsonl"}
+
+
+BAD_ARGUMENTS = [
+    (["ask", "{img}", "", "--model", "{ckpt}"], ["question is empty"]),
+    (["ask", "{img}", "   ", "--model", "{ckpt}"], ["question is empty"]),
+    (["ask", "{img}", "word " * 1100, "--model", "{ckpt}"], ["longer than the decoder's 1024"]),
+    (["ask", "{root}/nope.png", "What?", "--model", "{ckpt}"], ["image not found", "nope.png"]),
+    (["caption", "{root}/nope.png", "--model", "{ckpt}"], ["image not found", "nope.png"]),
+    (["caption", "{folder}/b.png", "--model", "{ckpt}"], ["not an image", "b.png"]),
+    (["caption", "{empty}", "--model", "{ckpt}"], ["no images found", "empty"]),
+    (["chat", "{root}/nope.png", "--model", "{ckpt}"], ["image not found", "nope.png"]),
+    (["ask", "{img}", "What?", "--input", "{jsonl}", "--model", "{ckpt}"], ["not both"]),
+    (["ask", "--model", "{ckpt}"], ["IMAGE and QUESTION"]),
+    (["ask", "{img}", "--model", "{ckpt}"], ["IMAGE and QUESTION"]),
+    (["ask", "--input", "{root}/none.jsonl", "--model", "{ckpt}"], ["input file not found", "none.jsonl"]),
+    (["caption", "{img}", "--model", "{root}/no-model"], ["not a vlm checkpoint", "no-model"]),
+    (["caption", "{img}", "--model", "{ckpt}", "--top_p", "0"], ["top_p"]),
+    (["caption", "{img}", "--model", "{ckpt}", "--temperature", "-1"], ["temperature"]),
+    (["caption", "{img}", "--model", "{ckpt}", "--max-new-tokens", "5000"], ["context of 1024 tokens"]),
+    (["caption", "{img}", "--model", "{ckpt}", "--batch-size", "0"], ["batch_size"]),
+    (["init", "{root}/x", "--preset", "huge"], ["unknown preset 'huge'"]),
+    (["frobnicate"], ["unknown command 'frobnicate'"]),
+]
+
+
+@pytest.mark.parametrize(("template", "words"), BAD_ARGUMENTS, ids=[" ".join(a[:3]) for a, _ in BAD_ARGUMENTS])
+def test_bad_arguments(capsys, varied_checkpoint, image_folder, bad_inputs, template, words):
+    values = {
+        "img": image_folder / "a.png",
+        "folder": image_folder,
+        "ckpt": varied_checkpoint,
+        **{k: str(v) for k, v in bad_inputs.items()},
+    }
+    code, out, err = run(capsys, *(a.format(**values) for a in template))
+    assert out == ""
+    if template[0] == "frobnicate":  # the message is followed by the usage
+        err = err.splitlines()[0]
+    assert_one_line_error(code, err, *words)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["caption", "{img}", "--bogus", "3"], ["caption", "{img}", "--max-new-tokens", "many"], ["caption"], []],
+)
+def test_unparsable_command_lines(capsys, image_folder, args):
+    code, out, err = run(capsys, *(a.format(img=image_folder / "a.png") for a in args))
+    assert code == 2
+    assert "Traceback" not in err + out
+    assert "usage: vlm" in err + out
+
+
+def test_help(capsys):
+    code, out, _ = run(capsys, "caption", "--help")
+    assert code == 0
+    assert "usage: vlm caption" in out and "--max_new_tokens" in out and "--output" in out
+    assert "Stop after this many new tokens" in out  # from the docstrings
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "caption" in out and "ask" in out and "chat" in out
+
+
+def _console_script() -> list[str]:
+    script = shutil.which("vlm")
+    return [script] if script else [sys.executable, "-m", "vlm.cli"]
+
+
+def _subprocess(args: list, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "VLM_DEBUG"}
+    return subprocess.run(
+        [*_console_script(), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def script_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint written by the real console script: `vlm init --preset tiny DIR`."""
+    cwd = tmp_path_factory.mktemp("script")
+    result = _subprocess(["init", "--preset", "tiny", "ckpt"], cwd)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "wrote an untrained tiny checkpoint" in result.stderr
+    return cwd / "ckpt"
+
+
+def test_script_init_matches_the_in_process_init(script_checkpoint, tiny_checkpoint):
+    assert_same_weights(load_model(script_checkpoint), load_model(tiny_checkpoint))
+
+
+def test_script_caption_folder_with_a_bad_image(script_checkpoint, image_folder, tmp_path):
+    result = _subprocess(
+        ["caption", image_folder, "--model", script_checkpoint, "--output", "out.jsonl", "--max-new-tokens", "3"],
+        tmp_path,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        f"vlm: error: not an image (or an unsupported format): {image_folder / 'b.png'}",
+        "vlm: 1 of 4 items failed (see 'error' in out.jsonl)",
+    ]
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [Path(r["image"]).name for r in rows] == ["a.png", "b.png", "c.png", "d.png"]
+    assert [isinstance(r["prediction"], str) for r in rows] == [True, False, True, True]
+    assert "error" in rows[1] and all("error" not in rows[i] for i in (0, 2, 3))

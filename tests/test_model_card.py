@@ -1,0 +1,118 @@
+"""Tests for model cards (eval/model_card.py): every number comes from the checkpoint folder's own files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval.metrics
+from eval.model_card import EVAL_RESULTS_FILE, parameter_counts, write_model_card
+from eval.runner import evaluate
+from eval.shapes import generate_shapes
+from vlm.checkpoint import build, save_checkpoint
+from vlm.config import VLMConfig
+from vlm.errors import VLMError
+from vlm.generation import GenerationOptions
+
+
+def _odd_tiny_config() -> VLMConfig:
+    """Not a preset: 3 decoder layers and a pixel-shuffle projector, so the card cannot be right by accident."""
+    config = VLMConfig.from_name("tiny")
+    config.decoder.hf_config["num_hidden_layers"] = 3
+    config.projector.kind, config.projector.factor = "pixel_shuffle", 2
+    return config
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory):
+    torch.manual_seed(0)
+    model, processor = build(_odd_tiny_config(), pretrained=False)
+    path = save_checkpoint(model, tmp_path_factory.mktemp("card") / "odd-tiny", processor)
+    return model, processor, path
+
+
+def test_card_describes_the_real_config_and_parameter_counts(built) -> None:
+    model, _, path = built
+    expected = {
+        part: sum(p.numel() for p in getattr(model, part).parameters()) for part in ("encoder", "projector", "decoder")
+    }
+    total = sum(p.numel() for p in model.parameters())  # tied embeddings count once
+    assert parameter_counts(path) == {**expected, "total": total}
+    assert sum(expected.values()) == total
+
+    card = write_model_card(path).read_text()
+    assert path / "README.md" == write_model_card(path)
+    for part, n in expected.items():
+        assert f"| {part} | " in card and f"| {n:,} ({100 * n / total:.1f}%) |" in card
+    assert f"**{total:,}**" in card
+    assert "`vit_tiny_patch16_224` (img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)" in card
+    assert "`pixel_shuffle`, factor 2" in card
+    assert "transformers `llama`: 3 layers, hidden size 64" in card
+    assert f"{model.num_image_tokens} image tokens each" in card and model.num_image_tokens == 4
+    assert "resized to 32x32 pixels" in card
+    assert "Unknown: this folder has no `training.json`" in card
+    assert "No `vlm eval` results for these weights yet" in card
+
+
+def test_training_record_is_shown(built, tmp_path: Path) -> None:
+    _, _, path = built
+    folder = Path(shutil.copytree(path, tmp_path / "trained"))
+    (folder / "training.json").write_text(json.dumps({"data": "shapes/train.jsonl", "steps": 120, "lr": [0.001]}))
+    card = write_model_card(folder).read_text()
+    assert "- **data**: shapes/train.jsonl" in card and "- **steps**: 120" in card and "- **lr**: [0.001]" in card
+    assert "Unknown" not in card
+
+
+def test_not_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(VLMError, match="not a vlm checkpoint folder"):
+        write_model_card(tmp_path)
+
+
+def _overall_line(report: dict) -> str:
+    values = " | ".join("-" if v is None else f"{v:.4f}" for v in report["metrics"].values())
+    return f"| overall ({report['num_scored']}) | {values} |"
+
+
+def test_evaluate_records_results_and_regenerates_the_card(
+    built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(eval.metrics, "_java_available", lambda: False)  # no METEOR start-up
+    model, processor, _ = built
+    folder = save_checkpoint(model, tmp_path / "ckpt", processor)
+    data_dir = tmp_path / "shapes"
+    generate_shapes(data_dir, train=0, val=0, test=1, seed=5)
+    questions = data_dir / "four.jsonl"
+    questions.write_text("".join((data_dir / "test.jsonl").read_text().splitlines(keepends=True)[:4]))
+    gen = GenerationOptions(max_new_tokens=2)
+
+    evaluate(model=str(folder), data=str(questions), output=str(tmp_path / "q.json"), gen=gen)
+    evaluate(model=str(folder), data=str(data_dir / "test_captions.jsonl"), output=str(tmp_path / "c.json"), gen=gen)
+    q_report = json.loads((tmp_path / "q.json").read_text())
+    c_report = json.loads((tmp_path / "c.json").read_text())
+
+    results = json.loads((folder / EVAL_RESULTS_FILE).read_text())["results"]
+    assert set(results) == {str(questions.resolve()), str((data_dir / "test_captions.jsonl").resolve())}
+    assert results[str(questions.resolve())]["metrics"] == q_report["metrics"]
+    card = (folder / "README.md").read_text()
+    assert f"### `{questions.resolve()}`" in card and _overall_line(q_report) in card
+    assert "| | vqa_accuracy | exact_match |" in card
+    assert (
+        _overall_line(c_report) in card and "| | bleu_1 | bleu_2 | bleu_3 | bleu_4 | rouge_l | cider | meteor |" in card
+    )
+
+    # A --limit run is partial: it leaves the recorded results and the card alone.
+    before = card
+    evaluate(model=str(folder), data=str(questions), limit=1, gen=gen)
+    assert (folder / "README.md").read_text() == before
+
+    # New weights in the same folder: the old numbers are not this model's any more.
+    torch.manual_seed(1)
+    other, other_processor = build(_odd_tiny_config(), pretrained=False)
+    save_checkpoint(other, folder, other_processor)  # keeps README.md and eval_results.json beside the weights
+    card = write_model_card(folder).read_text()
+    assert "No `vlm eval` results for these weights yet" in card and _overall_line(q_report) not in card
+    assert "2 earlier result(s)" in card

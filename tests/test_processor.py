@@ -1,0 +1,269 @@
+"""Tests for vlm/processor.py: image-token expansion, label masks, chat templates, padding and the image transform."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import solid, tiny_config
+
+from vlm.errors import VLMError
+from vlm.model import VisionLanguageModel
+from vlm.processor import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, Processor, tokenizer_for
+
+IM_END = "<|im_end|>\n"
+
+# (encoder, overrides, keep_prefix_tokens, projector, factor, expected image tokens)
+EXPANSIONS = [
+    ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8}, False, "mlp", 2, 16),
+    ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8}, True, "mlp", 2, 17),
+    ("vit_base_patch16_siglip_224", {"img_size": 48, "patch_size": 8}, False, "mlp", 2, 36),
+    ("vit_base_patch16_siglip_224", {"img_size": 48, "patch_size": 8}, False, "pixel_shuffle", 2, 9),
+    ("vit_base_patch16_siglip_224", {"img_size": 48, "patch_size": 8}, False, "pixel_shuffle", 3, 4),
+    ("vit_base_patch16_clip_224", {"img_size": 64, "patch_size": 16}, True, "mlp", 2, 17),
+    ("vit_base_patch16_clip_224", {"img_size": 64, "patch_size": 16}, False, "pixel_shuffle", 2, 4),
+    ("vit_small_patch14_reg4_dinov2", {"img_size": 32, "patch_size": 8}, True, "mlp", 2, 21),
+    ("deit_tiny_patch16_224", {"img_size": (32, 48), "patch_size": 8}, False, "mlp", 2, 24),
+    ("deit_tiny_patch16_224", {"img_size": (32, 48), "patch_size": 8}, False, "pixel_shuffle", 2, 6),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tokenizer_for(tiny_config())
+
+
+@pytest.fixture(scope="module")
+def processor(tiny):
+    return tiny[1]
+
+
+@pytest.mark.parametrize(("encoder", "overrides", "keep", "projector", "factor", "expected"), EXPANSIONS)
+def test_image_token_expansion_matches_the_encoder(tokenizer, encoder, overrides, keep, projector, factor, expected):
+    small = {"embed_dim": 32, "depth": 1, "num_heads": 2, **overrides}
+    config = tiny_config(encoder=encoder, overrides=small, projector=projector, factor=factor, keep_prefix_tokens=keep)
+    model = VisionLanguageModel.from_config(config, tokenizer, pretrained=False).eval()
+    processor = Processor.from_model(model, tokenizer)
+    enc = model.encoder
+    prefix = enc.num_prefix_tokens if keep else 0
+    assert (enc.grid_size[0] * enc.grid_size[1] + prefix) // factor ** (2 if projector == "pixel_shuffle" else 0) == (
+        expected
+    )
+    assert model.num_image_tokens == processor.num_image_tokens == expected
+    h, w = enc.data_config["input_size"][1:]
+    for k in (0, 1, 3):
+        messages = [{"role": "user", "content": "look " + "<image> " * k}, {"role": "assistant", "content": "ok"}]
+        ids, labels = processor.encode(messages, k)
+        assert ids.count(processor.image_token_id) == k * expected
+        assert all(label == IGNORE_INDEX for i, label in zip(ids, labels, strict=True) if i == model.image_token_id)
+        pixels = processor.transform([solid((9 * k, 50, 90), (20, 30))] * k) if k else None
+        if k:
+            assert pixels.shape == (k, 3, h, w)
+        with torch.no_grad():
+            out = model(torch.tensor([ids]), pixel_values=pixels)  # the counts agree, or embed raises
+        assert out.logits.shape[1] == len(ids)
+
+
+def test_placeholder_count_must_match_images(processor):
+    messages = [{"role": "user", "content": "<image> and <image>"}, {"role": "assistant", "content": "two"}]
+    with pytest.raises(VLMError, match="2 <image> placeholders for 1 images"):
+        processor.encode(messages, 1)
+    with pytest.raises(VLMError, match="1 <image> placeholders for 0 images"):
+        processor.prompt("<image> what?", 0)
+
+
+def test_missing_placeholders_go_before_the_first_user_turn(processor):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What?"}]
+    filled = processor.with_placeholders(messages, 2)
+    assert filled[0] == messages[0]
+    assert filled[1]["content"] == "<image>\n<image>\nWhat?"
+    assert messages[1]["content"] == "What?"  # the caller's messages are not changed
+    ids = processor.prompt("What?", 2, history=None)
+    assert ids.count(processor.image_token_id) == 2 * processor.num_image_tokens
+
+
+def _answer_spans(labels: list[int]) -> list[list[int]]:
+    spans, current = [], []
+    for label in labels:
+        if label == IGNORE_INDEX:
+            if current:
+                spans.append(current)
+            current = []
+        else:
+            current.append(label)
+    return spans + ([current] if current else [])
+
+
+CONVERSATIONS = {
+    "caption": (
+        [{"role": "user", "content": "Describe the image."}, {"role": "assistant", "content": "a red circle"}],
+        1,
+    ),
+    "vqa": ([{"role": "user", "content": "<image>\nWhat colour?"}, {"role": "assistant", "content": "red"}], 1),
+    "multi-turn": (
+        [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "<image>\n<image>\nHow many objects?"},
+            {"role": "assistant", "content": "3"},
+            {"role": "user", "content": "And their colours?"},
+            {"role": "assistant", "content": "red, green and blue"},
+            {"role": "user", "content": "Thanks"},
+            {"role": "assistant", "content": "You are welcome."},
+        ],
+        2,
+    ),
+    "text-only": ([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}], 0),
+}
+
+
+@pytest.mark.parametrize("kind", list(CONVERSATIONS))
+def test_labels_are_exactly_the_assistant_turns(processor, kind):
+    messages, num_images = CONVERSATIONS[kind]
+    ids, labels = processor.encode(messages, num_images)
+    assert len(ids) == len(labels)
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    spans = _answer_spans(labels)
+    decode = processor.tokenizer.decode
+    assert [decode(s) for s in spans] == [a + IM_END for a in answers]
+    # Every labelled token is the input token at that position (the shift happens in the loss).
+    assert all(label in (IGNORE_INDEX, i) for i, label in zip(ids, labels, strict=True))
+    # Nothing is lost by tokenizing in segments: the ids spell the rendered conversation.
+    rendered = processor._render(processor.with_placeholders(messages, num_images), add_generation_prompt=False)
+    expanded = rendered.replace("<image>", "<image>" * processor.num_image_tokens)
+    assert decode(ids) == expanded
+
+
+def test_labels_survive_right_padding(processor):
+    encoded = [processor.encode(*CONVERSATIONS[k]) for k in ("vqa", "multi-turn", "text-only")]
+    batch = processor.pad([e[0] for e in encoded], "right", [e[1] for e in encoded])
+    longest = max(len(ids) for ids, _ in encoded)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (3, longest)
+    for row, (ids, labels) in enumerate(encoded):
+        n = len(ids)
+        assert batch["input_ids"][row, :n].tolist() == ids
+        assert batch["labels"][row, :n].tolist() == labels
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (longest - n)
+        assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
+        assert (batch["input_ids"][row, n:] == processor.tokenizer.pad_token_id).all()
+    spans = _answer_spans(batch["labels"][1].tolist())
+    assert [processor.tokenizer.decode(s) for s in spans] == [
+        "3" + IM_END,
+        "red, green and blue" + IM_END,
+        "You are welcome." + IM_END,
+    ]
+
+
+def test_left_padding_for_generation(processor, pil_images):
+    batch = processor(
+        ["<image>\nWhat colour is the big object?", "hi", "<image><image> which?"],
+        [pil_images[:1], [], pil_images[1:3]],
+    )
+    assert "labels" not in batch
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    lengths = mask.sum(1).tolist()
+    for row, n in enumerate(lengths):
+        assert mask[row].tolist() == [0] * (ids.shape[1] - n) + [1] * n
+    assert batch["pixel_values"].shape[0] == 3
+    assert int((ids == processor.image_token_id).sum()) == 3 * processor.num_image_tokens
+    # Every prompt ends with the assistant prompt, and nothing follows it.
+    tail = processor.tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    assert all(ids[row, -len(tail) :].tolist() == tail for row in range(3))
+    assert processor(["hi"], [[]])["pixel_values"] is None
+    with pytest.raises(VLMError, match="2 prompts for 1 image lists"):
+        processor(["a", "b"], [[]])
+
+
+def test_generation_prompt_has_no_labels_and_ends_with_the_assistant_prompt(processor):
+    history = [{"role": "user", "content": "<image>\nWhat colour?"}, {"role": "assistant", "content": "red"}]
+    ids = processor.prompt("And the shape?", 1, history=history)
+    full, labels = processor.encode(
+        [*history, {"role": "user", "content": "And the shape?"}], 1, add_generation_prompt=True
+    )
+    assert ids == full
+    assert processor.tokenizer.decode(ids).endswith(
+        "<|im_start|>user\nAnd the shape?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert _answer_spans(labels) == [processor.tokenizer("red<|im_end|>\n", add_special_tokens=False)["input_ids"]]
+
+
+@pytest.mark.parametrize("question", ["", "   ", "\n"])
+def test_empty_question(processor, question):
+    with pytest.raises(VLMError, match="the question is empty"):
+        processor.prompt(question, 1)
+
+
+def test_over_long_conversation(processor):
+    short = Processor(processor.tokenizer, processor.transform, processor.num_image_tokens, max_length=20)
+    with pytest.raises(VLMError, match=r"the conversation is \d+ tokens, longer than the decoder's 20"):
+        short.prompt("<image>\nWhat is this?", 1)  # 16 image tokens + the template: over 20
+    assert len(short.prompt("hi", 0)) <= 20
+
+
+def test_default_chat_template_when_the_tokenizer_has_none(processor):
+    assert processor.tokenizer.chat_template is None
+    assert processor.chat_template == DEFAULT_CHAT_TEMPLATE
+    text = processor._render([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_the_tokenizers_own_chat_template_is_used(processor):
+    tokenizer = copy.deepcopy(processor.tokenizer)
+    tokenizer.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<|endoftext|>{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    custom = Processor(tokenizer, processor.transform, processor.num_image_tokens)
+    assert custom.chat_template == tokenizer.chat_template
+    ids, labels = custom.encode(CONVERSATIONS["vqa"][0], 1)
+    assert tokenizer.decode(ids).startswith("[user] <image>")
+    assert [tokenizer.decode(s) for s in _answer_spans(labels)] == ["red<|endoftext|>"]
+    assert tokenizer.decode(custom.prompt("hi", 0)) == "[user] hi<|endoftext|>[assistant] "
+
+
+def test_template_that_does_not_render_prefix_by_prefix(processor):
+    tokenizer = copy.deepcopy(processor.tokenizer)
+    tokenizer.chat_template = "{{ messages | length }}{% for m in messages %} {{ m['content'] }}{% endfor %}"
+    odd = Processor(tokenizer, processor.transform, processor.num_image_tokens)
+    with pytest.raises(VLMError, match="prefix by prefix"):
+        odd.encode(CONVERSATIONS["text-only"][0], 0)
+
+
+def test_stop_tokens_and_decode(processor):
+    tok = processor.tokenizer
+    assert tok.convert_tokens_to_ids("<|im_end|>") in processor.stop_token_ids
+    assert tok.eos_token_id in processor.stop_token_ids
+    ids = tok("  a red circle<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert processor.decode(ids) == "a red circle"
+    assert processor.decode(torch.tensor(ids)) == "a red circle"
+
+
+def test_transform_resizes_without_cropping_and_normalizes(processor):
+    h, w = processor.transform.size
+    half = solid((255, 0, 0), (60, 20))  # wide: a centre crop would lose the blue left edge
+    half.paste((0, 0, 255), (0, 0, 10, 20))
+    x = processor.transform([half, solid((255, 255, 255), (7, 9))])
+    assert x.shape == (2, 3, h, w) and x.dtype == torch.float32
+    mean = torch.tensor(processor.transform.mean).view(3, 1, 1)
+    std = torch.tensor(processor.transform.std).view(3, 1, 1)
+    pixels = x * std + mean  # back to 0..1
+    torch.testing.assert_close(pixels[1], torch.ones(3, h, w), atol=1e-5, rtol=0)
+    left, right = pixels[0, :, :, 0], pixels[0, :, :, -1]
+    assert (left[2] > 0.9).all() and (left[0] < 0.1).all()  # blue edge kept
+    assert (right[0] > 0.9).all() and (right[2] < 0.1).all()
+
+
+def test_save_and_load_round_trip(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    loaded = Processor.from_pretrained(tmp_path)
+    assert loaded.transform == processor.transform
+    assert (loaded.num_image_tokens, loaded.image_token, loaded.caption_prompt, loaded.max_length) == (
+        processor.num_image_tokens,
+        processor.image_token,
+        processor.caption_prompt,
+        processor.max_length,
+    )
+    assert loaded.stop_token_ids == processor.stop_token_ids
+    assert loaded.chat_template == processor.chat_template
+    for messages, n in CONVERSATIONS.values():
+        assert loaded.encode(messages, n) == processor.encode(messages, n)

@@ -1,0 +1,171 @@
+"""Callbacks every vlm training run gets (`VLMModule.configure_callbacks`), and the atomic checkpoint writer."""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from train.data import bad_rows_report, check_bad_fraction
+
+
+class DataHealth(Callback):
+    """Counts the broken rows of each epoch (found up front, or in loader workers and carried in `batch["bad"]`),
+    reports them with the first few reasons and logs `data/bad_rows` at the end of each training and validation
+    epoch, and stops the run with a one-line `VLMError` above `data.max_bad_fraction`."""
+
+    def __init__(self) -> None:
+        self.seen = {"train": 0, "val": 0}
+        self.bad: dict[str, dict[str, str]] = {"train": {}, "val": {}}
+
+    def _count(self, stage: str, batch: dict[str, Any]) -> None:
+        self.seen[stage] += batch["input_ids"].shape[0]
+        for key, message in batch["bad"]:
+            self.bad[stage].setdefault(key, message)
+
+    def _report(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        datamodule = trainer.datamodule
+        upfront = list(getattr(datamodule, f"{stage}_errors", []))
+        found = list(self.bad[stage].items())
+        counts = torch.tensor([len(found), self.seen[stage]], dtype=torch.float64, device=pl_module.device)
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        num_bad, total = int(counts[0]) + len(upfront), int(counts[1]) + len(upfront)
+        self.seen[stage], self.bad[stage] = 0, {}
+        if trainer.sanity_checking:
+            return
+        name = "training" if stage == "train" else "validation"
+        pl_module.log(f"data/{stage}_bad_rows", float(num_bad), sync_dist=False)
+        if num_bad:
+            rank_zero_info(bad_rows_report(f"epoch {trainer.current_epoch}, {name} data", upfront + found, total))
+        limit = getattr(datamodule, "max_bad_fraction", 1.0)
+        check_bad_fraction(num_bad, total, limit, f"{name} data", upfront + found)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._count("train", batch)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._report(trainer, pl_module, "train")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._count("val", batch)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._report(trainer, pl_module, "val")
+
+
+class Throughput(Callback):
+    """Logs `train/tokens_per_s` (all devices, padding excluded, smoothed) to the progress bar and the loggers.
+    The clock runs from batch to batch, so data loading counts; validation does not."""
+
+    def __init__(self, smoothing: float = 0.9) -> None:
+        self.smoothing = smoothing
+        self._last: float | None = None
+        self._rate: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._last is None:
+            self._last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        rate = batch["num_tokens"] * trainer.world_size / max(now - self._last, 1e-9)
+        self._last = now
+        self._rate = rate if self._rate is None else self.smoothing * self._rate + (1 - self.smoothing) * rate
+        pl_module.log("train/tokens_per_s", self._rate, prog_bar=True, on_step=True, on_epoch=False)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._last = None
+
+
+class RunArtifacts(Callback):
+    """At the end of a successful fit: the trained model as a vlm checkpoint folder (`<run>/model`) and a plot of
+    the training and validation curves (`<run>/curves.png`)."""
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from train.export import export_state
+
+        state = trainer.strategy.lightning_module_state_dict()  # every rank: sharded strategies gather here
+        if not trainer.is_global_zero:
+            return
+        root = Path(trainer.default_root_dir)
+        out = export_state(pl_module.export_meta(), state, root / "model")
+        rank_zero_info(f"trained model saved to {out} (load it with: vlm caption --model {out} IMAGE)")
+        for logger in trainer.loggers:
+            if isinstance(logger, CSVLogger):
+                logger.save()
+                if plot_curves(Path(logger.log_dir) / "metrics.csv", root / "curves.png"):
+                    rank_zero_info(f"training curves plotted to {root / 'curves.png'}")
+
+
+def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """A CSVLogger `metrics.csv` -> {metric: [(step, value), ...]}."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(float(row.get("step") or 0))
+            for key, value in row.items():
+                if key not in ("step", "epoch") and value not in (None, ""):
+                    series.setdefault(key, []).append((step, float(value)))
+    return series
+
+
+def plot_curves(metrics_csv: Path, out: Path) -> bool:
+    """Plots training/validation loss (and validation accuracy) against the step; False when there is nothing."""
+    if not metrics_csv.is_file():
+        return False
+    from matplotlib.figure import Figure  # no pyplot: renders with Agg, never opens a window
+
+    series = read_metrics(metrics_csv)
+    if "train/loss" not in series and "val/loss" not in series:
+        return False
+    has_accuracy = "val/accuracy" in series
+    fig = Figure(figsize=(10 if has_accuracy else 6, 4), tight_layout=True)
+    axes = fig.subplots(1, 2 if has_accuracy else 1, squeeze=False)[0]
+    for key, style in (("train/loss", "-"), ("val/loss", "o-")):
+        if key in series:
+            steps, values = zip(*series[key])
+            axes[0].plot(steps, values, style, label=key, markersize=3)
+    axes[0].set(xlabel="step", ylabel="loss", yscale="log")
+    axes[0].legend()
+    if has_accuracy:
+        steps, values = zip(*series["val/accuracy"])
+        axes[1].plot(steps, values, "o-", markersize=3, label="val/accuracy")
+        axes[1].set(xlabel="step", ylabel="exact match", ylim=(0, 1))
+        axes[1].legend()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    return True
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in its own folder, fsyncs it, then renames it over the target, so a
+    run killed mid-save leaves the previous checkpoint intact. (Lightning's own save goes through an fsspec
+    transaction that writes into the system temp folder and moves the file: a copy, not an atomic rename, whenever
+    that folder is on another filesystem.) Loads with `torch.load(weights_only=True)`: a training checkpoint holds
+    only tensors and plain containers, so resuming never unpickles code."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with tmp.open("wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path, map_location: Any | None = lambda storage, loc: storage, weights_only=None):
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)

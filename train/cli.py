@@ -1,0 +1,98 @@
+"""`vlm fit|validate --config samples/configs/NAME.yaml [--section.key value ...]`, through LightningCLI.
+
+One run is one folder, `--trainer.default_root_dir` (default: the working directory):
+    config.yaml        the resolved configuration (rewritten when the run resumes)
+    checkpoints/       periodic checkpoints and last.ckpt (written atomically); resume with `--ckpt_path last`
+    metrics.csv        CSV log (appended on resume); tensorboard/ holds the TensorBoard log
+    model/             the trained model as a vlm checkpoint folder, written when fit ends
+    curves.png         training and validation curves, written when fit ends
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from train.callbacks import AtomicCheckpointIO
+from train.data import VLMDataModule
+from train.module import VLMModule
+from vlm.errors import VLMError
+
+SUBCOMMANDS = ("fit", "validate")
+# Without a configured ModelCheckpoint, a run still checkpoints this often, and always keeps last.ckpt.
+DEFAULT_CHECKPOINT_EVERY = 500
+
+
+def default_loggers(root: str) -> list:
+    """CSV (first: it decides `trainer.log_dir`, hence where config.yaml and checkpoints/ go) and TensorBoard, both
+    with a fixed version so that a resumed run keeps writing to the same folder."""
+    return [CSVLogger(root, name="", version=""), TensorBoardLogger(root, name="tensorboard", version="")]
+
+
+class VLMCLI(LightningCLI):
+    """LightningCLI for `VLMModule` + `VLMDataModule`, with only the fit and validate subcommands, CSV and
+    TensorBoard logging into the run folder unless `trainer.logger` is set, atomic checkpoint writes unless a
+    `CheckpointIO` plugin is given, and a `ModelCheckpoint` keeping last.ckpt unless one is configured."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in SUBCOMMANDS}
+
+    def instantiate_trainer(self, **kwargs: Any):
+        from lightning.fabric.plugins import CheckpointIO
+
+        config = self._get(self.config_init, "trainer", default={})
+        if config.get("logger") in (None, True):
+            kwargs["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd())
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        callbacks = config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if config.get("enable_checkpointing") is not False and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, ModelCheckpoint(save_last=True, every_n_train_steps=DEFAULT_CHECKPOINT_EVERY)]
+        return super().instantiate_trainer(**kwargs)
+
+
+def make_cli(args: list[str], run: bool = True) -> VLMCLI:
+    """The LightningCLI for `args` (a subcommand first, unless `run` is False); runs it when `run`."""
+    # The `vlm` entry point passes its own argv on as `args`: that is intended.
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+    # A resumed run writes into its own folder again: that is intended.
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty")
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
+    return VLMCLI(
+        VLMModule,
+        VLMDataModule,
+        args=args,
+        run=run,
+        seed_everything_default=0,
+        auto_configure_optimizers=False,  # VLMModule builds its own per-part optimizer and schedule
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"fit": {"prog": "vlm fit"}, "validate": {"prog": "vlm validate"}} if run else {},
+    )
+
+
+def main(args: list[str]) -> None:
+    """Runs `vlm fit ...` or `vlm validate ...`: `args` starts with the subcommand, then `--config` and overrides."""
+    if args and args[0] not in SUBCOMMANDS and not args[0].startswith("-"):
+        raise VLMError(f"unknown training command {args[0]!r}; choose from {', '.join(SUBCOMMANDS)}")
+    make_cli(args)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except VLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)

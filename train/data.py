@@ -1,0 +1,566 @@
+"""Training data: the project's JSONL files or Hugging Face datasets, as a `LightningDataModule`.
+
+Every row is read by `vlm.data` (`read_jsonl` for JSONL; `parse_row` for dataset rows after renaming columns), so
+training, evaluation and inference agree on what a row means.
+
+Broken rows never crash an epoch and are never dropped silently. Rows that cannot be parsed, and rows whose image
+file is missing, are found up front in the main process. Rows that fail later in a loader worker (a corrupt image,
+a row longer than `max_length`) are replaced by the next good row, and the replaced row travels with the batch
+(`batch["bad"]`) to the main process, where `train.callbacks.DataHealth` counts and reports them.
+
+Resuming mid-epoch: the training loader is stateful. Lightning stores its `state_dict` (epoch and batches consumed;
+for streams, how many rows each worker had read) in every checkpoint and hands it back on `--ckpt_path`, and the
+loader then starts the epoch after the batches already trained on, in the same shuffled order.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
+
+from train.collate import Collator, encode_sample
+from vlm.data import Example, RowError, parse_row, read_jsonl
+from vlm.errors import VLMError
+from vlm.images import load_image, to_rgb
+from vlm.processor import Processor
+
+# A run of this many broken rows in a row means the data (not a row) is broken: stop rather than skip on.
+MAX_CONSECUTIVE_BAD = 32
+# Files that mark a folder written by `datasets.save_to_disk`.
+_SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+# ---- rows ----------------------------------------------------------------------------------------------------------
+
+
+def _load_images(images: list[Any]) -> list[Image.Image]:
+    """Paths (opened safely by `vlm.images.load_image`), PIL images, or datasets' `{"bytes", "path"}` dicts."""
+    out = []
+    for item in images:
+        if isinstance(item, Path):
+            out.append(load_image(item))
+        elif isinstance(item, Image.Image):
+            out.append(to_rgb(item))
+        elif isinstance(item, dict) and item.get("bytes"):
+            try:
+                img = Image.open(io.BytesIO(item["bytes"]))
+                img.load()
+            except (OSError, ValueError, SyntaxError) as e:
+                raise VLMError(f"corrupt image bytes ({e})") from None
+            out.append(to_rgb(img))
+        elif isinstance(item, dict) and item.get("path"):
+            out.append(load_image(item["path"]))
+        else:
+            raise VLMError(f"unsupported image value of type {type(item).__name__}")
+    return out
+
+
+def example_from_record(
+    record: dict[str, Any], columns: dict[str, str], base: Path, caption_prompt: str, where: str
+) -> tuple[Example, list[Any]]:
+    """A datasets row -> (`Example`, its images): columns renamed to the JSONL fields, then `vlm.data.parse_row`.
+
+    `columns` maps a JSONL field (image, caption, question, answer, conversations) to the dataset's column. An image
+    value may be a path (relative to `base`), a PIL image or a `{"bytes", "path"}` dict, or a list of these.
+    Raises `RowError` (prefixed with `where`) for a broken row.
+    """
+    row = dict(record)
+    for field, column in columns.items():
+        if column not in record:
+            raise RowError(f"{where}: no column {column!r} (mapped to {field!r}); columns: {', '.join(record)}")
+        row.pop(column)
+        row[field] = record[column]
+    value = row.get("image")
+    items = [] if value is None else value if isinstance(value, list) else [value]
+    in_memory = [None if isinstance(item, str) else item for item in items]
+    if items:
+        # parse_row validates paths; in-memory images get a stand-in name and are put back after.
+        row["image"] = [item if isinstance(item, str) else f"<image {k}>" for k, item in enumerate(items)]
+    else:
+        row.pop("image", None)
+    try:
+        example = parse_row(row, base, caption_prompt)
+    except RowError as e:
+        raise RowError(f"{where}: {e}") from None
+    return example, [path if obj is None else obj for path, obj in zip(example.images, in_memory)]
+
+
+class RowSource:
+    """Indexable rows of one dataset: `get(i) -> (Example, images)`; `key(i)` names row i in reports; `errors`
+    holds `(key, message)` for rows found broken while indexing (they are not among the indexed rows)."""
+
+    name: str
+    errors: list[tuple[str, str]]
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def get(self, i: int) -> tuple[Example, list[Any]]:
+        raise NotImplementedError
+
+    def key(self, i: int) -> str:
+        raise NotImplementedError
+
+
+class JsonlRows(RowSource):
+    """A JSONL file, read once in the main process. Unparseable rows and rows whose image file is missing go to
+    `errors`; the rest are indexed."""
+
+    def __init__(self, path: str | Path, caption_prompt: str):
+        self.name = str(path)
+        self.examples: list[Example] = []
+        self.errors = []
+        exists: dict[Path, bool] = {}
+        for item in read_jsonl(path, caption_prompt):
+            if isinstance(item, RowError):
+                self.errors.append((f"{path}:{item.line}", f"{path}: {item}"))
+                continue
+            missing = [p for p in item.images if not exists.setdefault(p, p.is_file())]
+            if missing:
+                self.errors.append((f"{path}:{item.line}", f"{path}: line {item.line}: image not found: {missing[0]}"))
+                continue
+            self.examples.append(item)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def get(self, i: int) -> tuple[Example, list[Any]]:
+        ex = self.examples[i]
+        return ex, list(ex.images)
+
+    def key(self, i: int) -> str:
+        return f"{self.name}:{self.examples[i].line}"
+
+
+class DatasetRows(RowSource):
+    """A map-style Hugging Face dataset; rows are parsed when read (in the loader workers)."""
+
+    def __init__(self, dataset, name: str, columns: dict[str, str], base: Path, caption_prompt: str):
+        self.dataset, self.name, self.columns, self.base, self.caption_prompt = dataset, name, columns, base, caption_prompt
+        self.errors = []
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def get(self, i: int) -> tuple[Example, list[Any]]:
+        return example_from_record(self.dataset[i], self.columns, self.base, self.caption_prompt, self.key(i))
+
+    def key(self, i: int) -> str:
+        return f"{self.name}[{i}]"
+
+
+class ConcatRows(RowSource):
+    def __init__(self, sources: list[RowSource]):
+        self.sources = sources
+        self.name = " + ".join(s.name for s in sources)
+        self.errors = [e for s in sources for e in s.errors]
+        self.starts = [0]
+        for s in sources:
+            self.starts.append(self.starts[-1] + len(s))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def _locate(self, i: int) -> tuple[RowSource, int]:
+        k = next(k for k in range(len(self.sources)) if i < self.starts[k + 1])
+        return self.sources[k], i - self.starts[k]
+
+    def get(self, i: int) -> tuple[Example, list[Any]]:
+        source, j = self._locate(i)
+        return source.get(j)
+
+    def key(self, i: int) -> str:
+        source, j = self._locate(i)
+        return source.key(j)
+
+
+# ---- datasets ------------------------------------------------------------------------------------------------------
+
+
+class VLMDataset(Dataset):
+    """Rows -> encoded samples. A broken row is replaced by the next good one and reported in the sample's `bad`.
+
+    Rows whose index is in `generate` also carry a generation prompt (question rows only; see `encode_sample`).
+    """
+
+    def __init__(
+        self, rows: RowSource, processor: Processor, max_length: int | None = None, generate: set[int] | None = None
+    ):
+        self.rows, self.processor, self.max_length = rows, processor, max_length
+        self.generate = generate or set()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        bad: list[tuple[str, str]] = []
+        for k in range(MAX_CONSECUTIVE_BAD):
+            i = (index + k) % len(self.rows)
+            try:
+                example, images = self.rows.get(i)
+                sample = encode_sample(
+                    self.processor,
+                    example.messages,
+                    _load_images(images),
+                    example.kind,
+                    example.references,
+                    self.max_length,
+                    with_prompt=index in self.generate,
+                )
+            except VLMError as e:
+                message = str(e)
+                key = self.rows.key(i)
+                bad.append((key, message if message.startswith(key) else f"{key}: {message}"))
+                continue
+            sample["bad"] = bad
+            return sample
+        raise VLMError(f"{MAX_CONSECUTIVE_BAD} broken rows in a row in {self.rows.name}, e.g. {bad[0][1]}")
+
+
+class StreamingVLMDataset(IterableDataset):
+    """A streaming Hugging Face dataset (`datasets.IterableDataset`) -> encoded samples.
+
+    Broken rows are skipped and reported with the next good sample. Each sample records how many rows its worker
+    has read (`stream_position`), so a resumed run can skip exactly the rows already trained on.
+    """
+
+    def __init__(
+        self, stream, name: str, columns: dict[str, str], base: Path, processor: Processor, max_length: int | None
+    ):
+        self.stream, self.name, self.columns, self.base = stream, name, columns, base
+        self.processor, self.max_length = processor, max_length
+        self.skip: dict[int, int] = {}  # worker id -> rows to skip (set when resuming)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)  # datasets reshuffles shards and its buffer with seed + epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        skip = self.skip.get(worker, 0)
+        bad: list[tuple[str, str]] = []
+        # datasets gives each loader worker its own shards of the stream.
+        for position, record in enumerate(self.stream, start=1):
+            if position <= skip:
+                continue
+            where = f"{self.name}: worker {worker} row {position}"
+            try:
+                example, images = example_from_record(
+                    record, self.columns, self.base, self.processor.caption_prompt, where
+                )
+                sample = encode_sample(
+                    self.processor, example.messages, _load_images(images), example.kind, example.references,
+                    self.max_length,
+                )
+            except VLMError as e:
+                message = str(e)
+                bad.append((where, message if message.startswith(where) else f"{where}: {message}"))
+                continue
+            sample["bad"], bad = bad, []
+            sample["stream_position"] = (worker, position)
+            yield sample
+
+
+# ---- resumable loading ---------------------------------------------------------------------------------------------
+
+
+class ResumableSampler(DistributedSampler):
+    """`DistributedSampler` (same shuffle per seed and epoch, same split over ranks) that can start part-way into
+    an epoch: the first `start` indices of this rank's order are skipped. Being a `DistributedSampler`, Lightning
+    keeps it rather than swapping in its own."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.start :])
+
+
+class ResumableDataLoader(DataLoader):
+    """A training `DataLoader` with `state_dict`/`load_state_dict`, which Lightning saves in (and restores from)
+    every checkpoint. `epoch_fn` gives the trainer's current epoch when an epoch's iteration starts."""
+
+    def __init__(self, dataset: Dataset, *, epoch_fn: Callable[[], int], **kwargs: Any):
+        super().__init__(dataset, **kwargs)
+        self.epoch_fn = epoch_fn
+        self.streaming = isinstance(dataset, IterableDataset)
+        self._pending: dict[str, Any] | None = None
+        # Position after each batch handed out; Lightning reads one batch ahead of training from loaders without
+        # a length (streams), so for them the state is the one before the last batch handed out.
+        self._history: deque[dict[str, Any]] = deque([{"epoch": 0, "batches": 0, "positions": {}}], maxlen=3)
+        self._exhausted = False
+
+    def state_dict(self) -> dict[str, Any]:
+        lag = 1 if self.streaming and not self._exhausted and len(self._history) > 1 else 0
+        state = self._history[-1 - lag]
+        return {"epoch": state["epoch"], "batches": state["batches"], "positions": dict(state["positions"])}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending = state
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._epoch()
+
+    def _epoch(self) -> Iterator[Any]:
+        # A generator: this runs at the first `next`, after Lightning has set up the epoch.
+        epoch = self.epoch_fn()
+        state: dict[str, Any] = {"epoch": epoch, "batches": 0, "positions": {}}
+        if self._pending is not None and self._pending["epoch"] == epoch:
+            state = {"epoch": epoch, "batches": self._pending["batches"], "positions": dict(self._pending["positions"])}
+        self._pending = None
+        if self.streaming:
+            self.dataset.set_epoch(epoch)
+            self.dataset.skip = {int(w): p for w, p in state["positions"].items()}
+        else:
+            self.sampler.set_epoch(epoch)
+            self.sampler.start = state["batches"] * self.batch_size
+        self._history = deque([state], maxlen=3)
+        self._exhausted = False
+        for batch in super().__iter__():
+            positions = state["positions"]
+            if "stream_position" in batch:
+                worker, position = batch["stream_position"]
+                positions = {**positions, worker: position}
+            state = {"epoch": epoch, "batches": state["batches"] + 1, "positions": positions}
+            self._history.append(state)
+            yield batch
+        self._exhausted = True
+
+
+# ---- opening sources -----------------------------------------------------------------------------------------------
+
+
+def _hf_source(spec: str, split: str, streaming: bool, hf_kwargs: dict[str, Any]):
+    """(dataset, base folder for relative image paths) for a datasets folder, parquet/arrow file(s), an image folder,
+    or a hub name."""
+    import datasets
+
+    path = Path(spec)
+    try:
+        if path.is_dir() and any((path / f).is_file() for f in _SAVED_DATASET_FILES):
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise VLMError(f"{spec} has no split {split!r}; it has {', '.join(ds)}")
+                ds = ds[split]
+            return (ds.to_iterable_dataset(num_shards=max(1, min(64, len(ds) // 1000))) if streaming else ds), path
+        if path.is_file() and path.suffix in (".parquet", ".arrow"):
+            kind = path.suffix[1:]
+            ds = datasets.load_dataset(kind, data_files=str(path), split="train", streaming=streaming, **hf_kwargs)
+            return ds, path.parent
+        if path.is_dir():
+            ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split, streaming=streaming, **hf_kwargs)
+            return ds, path
+        if path.suffix or spec.startswith((".", "/")):
+            raise VLMError(f"data not found: {spec}")
+        ds = datasets.load_dataset(spec, split=split, streaming=streaming, **hf_kwargs)
+        return ds, Path.cwd()
+    except VLMError:
+        raise
+    except Exception as e:  # datasets raises many types (hub, format, split errors); report them as one line
+        raise VLMError(f"cannot load dataset {spec!r} (split {split!r}): {str(e).splitlines()[0]}") from e
+
+
+class VLMDataModule(LightningDataModule):
+    """Training and validation data for `vlm fit` / `vlm validate`.
+
+    A source is a JSONL file (the project's format), a folder saved with `datasets` `save_to_disk`, a `.parquet` or
+    `.arrow` file, an image folder with a metadata file (`imagefolder`), or a dataset name on the Hugging Face hub.
+    Several sources are concatenated.
+
+    Args:
+        train: Training source(s).
+        val: Validation source(s); none skips validation.
+        batch_size: Samples per device per step.
+        val_batch_size: Validation batch size (default: `batch_size`).
+        num_workers: Loader worker processes per device (0 loads in the main process).
+        pin_memory: Pin batches for faster host-to-GPU copies; default: when training on a GPU.
+        max_length: Rows longer than this many tokens (image tokens included) count as broken; the decoder's
+            context length always applies.
+        max_bad_fraction: Stop with an error when more than this fraction of an epoch's rows are broken.
+        seed: Shuffle seed (the order also changes with the epoch).
+        generate_samples: Validation rows (spread evenly) answered by generation for `val/accuracy`; 0 disables it.
+        columns: For `datasets` sources: JSONL field -> dataset column, e.g. `{image: img, answer: label}`.
+        train_split: Split to read from `datasets` sources for training.
+        val_split: Split to read from `datasets` sources for validation.
+        streaming: Stream `datasets` sources instead of loading them (for data that does not fit on disk); needs
+            `trainer.max_steps`.
+        shuffle_buffer: Rows in the streaming shuffle buffer.
+        hf_kwargs: More keyword arguments for `datasets.load_dataset` (e.g. `name` for a dataset configuration).
+    """
+
+    def __init__(
+        self,
+        train: str | list[str] | None = None,
+        val: str | list[str] | None = None,
+        batch_size: int = 16,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        pin_memory: bool | None = None,
+        max_length: int | None = None,
+        max_bad_fraction: float = 0.05,
+        seed: int = 0,
+        generate_samples: int = 64,
+        columns: dict[str, str] | None = None,
+        train_split: str = "train",
+        val_split: str = "validation",
+        streaming: bool = False,
+        shuffle_buffer: int = 10_000,
+        hf_kwargs: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise VLMError("data.batch_size must be at least 1")
+        if not 0 <= max_bad_fraction <= 1:
+            raise VLMError("data.max_bad_fraction must be between 0 and 1")
+        self.train = [train] if isinstance(train, str) else list(train or [])
+        self.val = [val] if isinstance(val, str) else list(val or [])
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.num_workers, self.pin_memory, self.max_length = num_workers, pin_memory, max_length
+        self.max_bad_fraction, self.seed, self.generate_samples = max_bad_fraction, seed, generate_samples
+        self.columns = dict(columns or {})
+        self.train_split, self.val_split = train_split, val_split
+        self.streaming, self.shuffle_buffer, self.hf_kwargs = streaming, shuffle_buffer, dict(hf_kwargs or {})
+        self.processor: Processor | None = None  # taken from the LightningModule in `setup`, or set directly
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        # Broken rows found while indexing (not among the indexed rows): (key, message).
+        self.train_errors: list[tuple[str, str]] = []
+        self.val_errors: list[tuple[str, str]] = []
+
+    # ---- building ----
+
+    def _rows(self, spec: str, split: str) -> RowSource:
+        if spec.endswith(".jsonl"):
+            return JsonlRows(spec, self.processor.caption_prompt)
+        ds, base = _hf_source(spec, split, False, self.hf_kwargs)
+        return DatasetRows(ds, spec, self.columns, base, self.processor.caption_prompt)
+
+    def _map_dataset(self, specs: list[str], split: str, what: str, generate: int) -> VLMDataset:
+        sources = [self._rows(s, split) for s in specs]
+        rows = sources[0] if len(sources) == 1 else ConcatRows(sources)
+        total = len(rows) + len(rows.errors)
+        if len(rows) == 0:
+            first = f"; e.g. {rows.errors[0][1]}" if rows.errors else ""
+            raise VLMError(f"no usable {what} rows in {rows.name}{first}")
+        check_bad_fraction(len(rows.errors), total, self.max_bad_fraction, f"{what} data {rows.name}", rows.errors)
+        if rows.errors:
+            rank_zero_info(bad_rows_report(f"{what} data", rows.errors, total))
+        chosen = set()
+        if generate > 0:
+            step = len(rows) / min(generate, len(rows))
+            chosen = {int(k * step) for k in range(min(generate, len(rows)))}
+        return VLMDataset(rows, self.processor, self._max_length(), chosen)
+
+    def _stream(self, specs: list[str], split: str, shuffle: bool) -> StreamingVLMDataset:
+        import datasets
+        from datasets.distributed import split_dataset_by_node
+
+        if len(specs) != 1 or specs[0].endswith(".jsonl"):
+            raise VLMError("data.streaming reads exactly one datasets source (not JSONL)")
+        stream, base = _hf_source(specs[0], split, True, self.hf_kwargs)
+        if not isinstance(stream, datasets.IterableDataset):
+            raise VLMError(f"{specs[0]} did not open as a stream")
+        if shuffle:
+            stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            stream = split_dataset_by_node(stream, rank=self.trainer.global_rank, world_size=self.trainer.world_size)
+        return StreamingVLMDataset(stream, specs[0], self.columns, base, self.processor, self._max_length())
+
+    def _max_length(self) -> int | None:
+        limits = [n for n in (self.max_length, self.processor.max_length) if n is not None]
+        return min(limits) if limits else None
+
+    def setup(self, stage: str) -> None:
+        if self.processor is None:
+            self.processor = self.trainer.lightning_module.processor
+        if stage == "fit" and self.train_set is None:
+            if not self.train:
+                raise VLMError("no training data: set --data.train (a JSONL file or a dataset)")
+            if self.streaming:
+                self.train_set = self._stream(self.train, self.train_split, shuffle=True)
+            else:
+                self.train_set = self._map_dataset(self.train, self.train_split, "training", 0)
+                self.train_errors = list(self.train_set.rows.errors)
+        if stage in ("fit", "validate") and self.val and self.val_set is None:
+            self.val_set = self._map_dataset(self.val, self.val_split, "validation", self.generate_samples)
+            self.val_errors = list(self.val_set.rows.errors)
+        if stage == "validate" and not self.val:
+            raise VLMError("no validation data: set --data.val")
+
+    # ---- loaders ----
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        pin = self.pin_memory
+        if pin is None:
+            pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": pin,
+            "collate_fn": Collator(self.processor),
+            # Loader seeds come from their own generator, so data loading never moves the global RNG.
+            "generator": torch.Generator().manual_seed(self.seed),
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        epoch_fn = (lambda: trainer.current_epoch) if trainer is not None else (lambda: 0)
+        kwargs = self._loader_kwargs()
+        if self.streaming:
+            # Persistent workers would keep a stale copy of the stream's epoch and resume position.
+            return ResumableDataLoader(self.train_set, epoch_fn=epoch_fn, batch_size=self.batch_size, **kwargs)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        return ResumableDataLoader(
+            self.train_set,
+            epoch_fn=epoch_fn,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            persistent_workers=self.num_workers > 0,
+            **kwargs,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []
+        return DataLoader(
+            self.val_set,
+            batch_size=self.val_batch_size,
+            shuffle=False,
+            persistent_workers=self.num_workers > 0,
+            **self._loader_kwargs(),
+        )
+
+
+# ---- broken-row accounting -----------------------------------------------------------------------------------------
+
+
+def bad_rows_report(what: str, bad: list[tuple[str, str]], total: int, examples: int = 3) -> str:
+    """One paragraph: how many rows were broken, and the first few reasons."""
+    share = 100 * len(bad) / max(total, 1)
+    lines = [f"{what}: {len(bad)} of {total} rows broken and skipped ({share:.2f}%)"]
+    lines += [f"  {message}" for _, message in bad[:examples]]
+    if len(bad) > examples:
+        lines.append(f"  ... and {len(bad) - examples} more")
+    return "\n".join(lines)
+
+
+def check_bad_fraction(num_bad: int, total: int, limit: float, what: str, bad: list[tuple[str, str]]) -> None:
+    """Raises a one-line `VLMError` when more than `limit` of `total` rows are broken."""
+    if total > 0 and num_bad / total > limit:
+        first = bad[0][1] if bad else "see the reports above"
+        raise VLMError(
+            f"{num_bad} of {total} rows ({100 * num_bad / total:.1f}%) of the {what} are broken, more than "
+            f"data.max_bad_fraction={limit}; first: {first}"
+        )

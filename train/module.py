@@ -1,0 +1,312 @@
+"""The training system around a `VisionLanguageModel`: which parts train and how fast, the optimizer and schedule,
+the training and validation steps, and what a checkpoint carries beyond the weights. The model itself stays a plain
+`nn.Module` (`self.vlm`), built in `__init__` so the data module can take its processor in `setup`.
+
+Choices, said once:
+- Per-part learning rates (`lr_encoder`, `lr_projector`, `lr_decoder`); 0 freezes the part (requires_grad False,
+  not in the optimizer). Alignment (projector only) and instruction tuning (projector + decoder) are two recipes.
+- Weight decay applies to matrices only: parameters with ndim >= 2, except embedding tables (`nn.Embedding`
+  weights, hence a tied LM head too) and the ViT's position embedding and prefix tokens. Biases and norm weights
+  (ndim 1) never decay.
+- Schedule: linear warmup from 0, then cosine decay to `min_lr_ratio` x the peak, stepped every optimizer step.
+- The loss is the model's mean cross-entropy over the batch's answer tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from vlm.checkpoint import build, load_model
+from vlm.config import VLMConfig
+from vlm.errors import VLMError
+from vlm.model import VisionLanguageModel
+from vlm.processor import Processor
+
+PARTS = ("encoder", "projector", "decoder")
+# ViT parameters that are embeddings although they are not `nn.Embedding` weights.
+_EMBEDDING_NAMES = ("pos_embed", "cls_token", "reg_token")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters on the decoder (Hu et al. 2021, via peft); merged into the weights of every exported model.
+
+    Args:
+        r: Adapter rank.
+        alpha: Scaling numerator (the update is scaled by alpha / r).
+        dropout: Dropout on the adapter input.
+        target_modules: Decoder modules to adapt: module names, or "all-linear" (every linear layer but the head).
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = field(default="all-linear")
+
+
+def add_lora(decoder: nn.Module, lora: LoraSettings) -> nn.Module:
+    """The decoder wrapped with fresh LoRA adapters (its own weights frozen)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, bias="none"
+    )
+    return get_peft_model(decoder, config)
+
+
+def merged_copy(model: VisionLanguageModel) -> VisionLanguageModel:
+    """The model with any LoRA adapters merged into the decoder: a plain `VisionLanguageModel` again."""
+    from peft import PeftModel
+
+    if not isinstance(model.decoder, PeftModel):
+        return model
+    decoder = model.decoder.merge_and_unload()
+    return VisionLanguageModel(model.config, model.encoder, model.projector, decoder, model.image_token_id)
+
+
+def processor_files(processor: Processor) -> dict[str, torch.Tensor]:
+    """The processor's saved files as byte tensors, so a training checkpoint alone can be exported."""
+    tmp = Path(tempfile.mkdtemp(prefix="vlm-processor-"))
+    try:
+        processor.save_pretrained(tmp)
+        return {
+            p.name: torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in tmp.iterdir() if p.is_file()
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and python RNG states, in types `torch.load(weights_only=True)` reads."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                  "gauss": gauss},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def decay_split(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(parameters with weight decay, without) among the trainable parameters of `module`."""
+    embeddings = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_embedding = id(p) in embeddings or name.rsplit(".", 1)[-1] in _EMBEDDING_NAMES
+        (decay if p.ndim >= 2 and not is_embedding else no_decay).append(p)
+    return decay, no_decay
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warmup to 1 over `warmup` steps, then cosine decay to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class VLMModule(LightningModule):
+    """Trains a vision-language model.
+
+    Args:
+        config: The model to build: a preset name (tiny, shapes, nanovlm-222m, llava-222m) or a full `VLMConfig`.
+        init_from: Start from this vlm checkpoint folder instead (its config and weights; `config` is ignored):
+            for a second stage or domain fine-tuning.
+        pretrained: Load the pretrained weights the config asks for (encoder/decoder `pretrained`, `weights`).
+        lr_encoder: Peak learning rate of the image encoder; 0 freezes it.
+        lr_projector: Peak learning rate of the projector; 0 freezes it.
+        lr_decoder: Peak learning rate of the decoder (of its LoRA adapters with `lora`); 0 freezes it.
+        weight_decay: AdamW weight decay, on matrices only (see the module docstring).
+        betas: AdamW betas.
+        warmup: Warmup length: a fraction of the total optimizer steps (< 1) or a number of steps (>= 1).
+        min_lr_ratio: The cosine schedule ends at this fraction of each peak learning rate.
+        gradient_checkpointing: Recompute activations in the backward pass (decoder, and the encoder when trained):
+            less memory, about a third more compute.
+        lora: Train LoRA adapters on the decoder instead of its weights.
+        max_new_tokens: Longest generated answer for validation accuracy.
+    """
+
+    def __init__(
+        self,
+        config: str | VLMConfig | None = None,
+        init_from: str | None = None,
+        pretrained: bool = True,
+        lr_encoder: float = 0.0,
+        lr_projector: float = 1e-3,
+        lr_decoder: float = 1e-4,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup: float = 0.03,
+        min_lr_ratio: float = 0.1,
+        gradient_checkpointing: bool = False,
+        lora: LoraSettings | None = None,
+        max_new_tokens: int = 16,
+    ):
+        super().__init__()
+        self.lrs = {"encoder": lr_encoder, "projector": lr_projector, "decoder": lr_decoder}
+        if any(lr < 0 for lr in self.lrs.values()):
+            raise VLMError("learning rates must be >= 0 (0 freezes a part)")
+        self.weight_decay, self.betas, self.warmup, self.min_lr_ratio = weight_decay, tuple(betas), warmup, min_lr_ratio
+        self.lora, self.max_new_tokens = lora, max_new_tokens
+        self.vlm, self.processor = self._build(config, init_from, pretrained)
+        for part, lr in self.lrs.items():
+            if lr == 0:
+                getattr(self.vlm, part).requires_grad_(False)
+        if lora is not None:
+            if lr_decoder == 0:
+                raise VLMError("model.lora trains decoder adapters: set model.lr_decoder > 0")
+            self.vlm.decoder = add_lora(self.vlm.decoder, lora)
+        # The KV cache is for generation; training forwards must not build one.
+        self.vlm.decoder.config.use_cache = False
+        if gradient_checkpointing:
+            self.vlm.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if lr_encoder > 0 and hasattr(self.vlm.encoder.model, "set_grad_checkpointing"):
+                self.vlm.encoder.model.set_grad_checkpointing(True)
+        self._processor_files = processor_files(self.processor)
+        self._pending_rng: dict[str, Any] | None = None
+        self._correct = 0
+        self._answered = 0
+
+    @staticmethod
+    def _build(config: str | VLMConfig | None, init_from: str | None, pretrained: bool):
+        if init_from is not None:
+            if config is not None:
+                rank_zero_info(f"model.init_from {init_from}: its own config is used, model.config is ignored")
+            return load_model(init_from).train(), Processor.from_pretrained(init_from)
+        if config is None:
+            raise VLMError("choose a model: --model.config PRESET (or a full config) or --model.init_from DIR")
+        if isinstance(config, str):
+            config = VLMConfig.from_name(config)
+        model, processor = build(config, pretrained=pretrained)
+        return model.train(), processor
+
+    def setup(self, stage: str) -> None:
+        if self.trainer.strategy.root_device.type == "cpu":
+            # On CPU, intra-op threads of every training process plus the loader workers must not outnumber the
+            # cores: oversubscribed threads spin and stall (several times slower). Never raises the thread count.
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            workers = getattr(self.trainer.datamodule, "num_workers", 0) or 0
+            budget = max(1, cores // max(1, self.trainer.num_devices) - workers)
+            torch.set_num_threads(min(torch.get_num_threads(), budget))
+
+    # ---- what a checkpoint carries beyond the weights ----
+
+    def export_meta(self) -> dict[str, Any]:
+        """What `train.export` needs to rebuild the model from a training checkpoint without the YAML."""
+        return {
+            "config": self.vlm.config.to_dict(),
+            "lora": asdict(self.lora) if self.lora is not None else None,
+            "processor_files": self._processor_files,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["vlm"] = self.export_meta()
+        checkpoint["rng"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Applied at the first training batch: set now, the restore steps that follow would move the RNGs.
+        self._pending_rng = checkpoint.get("rng")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._pending_rng is not None:
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
+
+    # ---- optimization ----
+
+    def configure_optimizers(self):
+        groups = []
+        for part in PARTS:
+            lr = self.lrs[part]
+            if lr == 0:
+                continue
+            decay, no_decay = decay_split(getattr(self.vlm, part))
+            groups += [
+                {"params": decay, "lr": lr, "weight_decay": self.weight_decay, "name": part},
+                {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{part}_no_decay"},
+            ]
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise VLMError("nothing to train: every learning rate (model.lr_encoder/lr_projector/lr_decoder) is 0")
+        optimizer = torch.optim.AdamW(groups, betas=self.betas)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.warmup * total) if self.warmup < 1 else int(self.warmup)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total, self.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def forward(self, batch: dict[str, Any]):
+        return self.vlm(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int):
+        loss = self(batch).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    # ---- validation: loss, and exact-match accuracy of generated answers ----
+
+    def on_validation_epoch_start(self) -> None:
+        self._correct, self._answered = 0, 0
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss = self(batch).loss
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        if "generate" in batch:
+            from eval.metrics import exact_match
+
+            gen = batch["generate"]
+            new = self.vlm.generate(
+                gen["input_ids"],
+                gen["attention_mask"],
+                gen["pixel_values"],
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                eos_token_id=self.processor.stop_token_ids,
+                pad_token_id=self.processor.tokenizer.pad_token_id,
+                use_cache=True,
+            )
+            for ids, refs in zip(new, gen["references"]):
+                self._correct += int(exact_match(self.processor.decode(ids), refs))
+                self._answered += 1
+
+    def on_validation_epoch_end(self) -> None:
+        counts = torch.tensor([self._correct, self._answered], dtype=torch.float64, device=self.device)
+        counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        if counts[1] > 0:
+            self.log("val/accuracy", counts[0] / counts[1], prog_bar=True)
+
+    # ---- always-on callbacks ----
+
+    def configure_callbacks(self) -> list[Callback]:
+        from train.callbacks import DataHealth, RunArtifacts, Throughput
+
+        return [DataHealth(), Throughput(), RunArtifacts()]
