@@ -115,12 +115,10 @@ def create_encoder(
         overrides: Keyword arguments for the model's constructor, e.g. `img_size=384`.
     """
     kwargs: dict[str, Any] = {"num_classes": 0, **overrides}
+    if weights is not None and not Path(weights).is_file():
+        raise ValueError(f"encoder weights file not found: {weights}")
     if weights is not None:
-        if not Path(weights).is_file():
-            raise ValueError(f"encoder weights file not found: {weights}")
-        # timm loads (and adapts, e.g. position embeddings for another img_size) a local file this way.
-        kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
-        pretrained = True
+        pretrained = False  # the file's weights replace any published ones
     if name in _REGISTRY:
         model = _REGISTRY[name](pretrained=pretrained, **kwargs)
     else:
@@ -130,4 +128,49 @@ def create_encoder(
             model = timm.create_model(name, pretrained=pretrained, **kwargs)
         except TypeError as e:
             raise ValueError(f"bad encoder override for {name}: {e}") from e
+    if weights is not None:
+        load_weights(model, Path(weights))
     return ImageEncoder(model, feature_layer=feature_layer, keep_prefix_tokens=keep_prefix_tokens)
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Loads a local weights file strictly: every key must match (a classifier head in the file is ignored).
+
+    timm's own file loading is lenient for headless models, so a file meant for another architecture would load
+    nothing and leave the encoder random without an error; this refuses it instead.
+    """
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for wrapper in ("state_dict", "model"):  # common training-checkpoint layouts
+            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds no state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    heads = model.pretrained_cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    state = {k: v for k, v in state.items() if not any(k == h or k.startswith(h + ".") for h in heads)}
+    pos = getattr(model, "pos_embed", None)
+    if pos is not None and "pos_embed" in state and state["pos_embed"].shape != pos.shape:
+        # A ViT trained at another resolution: resample its position embeddings to this grid.
+        from timm.layers import resample_abs_pos_embed
+
+        prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+        state["pos_embed"] = resample_abs_pos_embed(
+            state["pos_embed"], model.patch_embed.grid_size, num_prefix_tokens=prefix
+        )
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise ValueError(
+            f"encoder weights {path} do not fit {type(model).__name__}: {str(e).splitlines()[-1]}"
+        ) from None
+    if missing or unexpected:
+        raise ValueError(
+            f"encoder weights {path} do not match the model: {len(missing)} missing (e.g. {sorted(missing)[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]})"
+        )

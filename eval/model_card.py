@@ -4,7 +4,8 @@ Sources, all inside the checkpoint folder:
 
 * `config.json` and `processor_config.json`: the architecture;
 * `model.safetensors`: parameter counts per part, read from the file's header without loading any weights;
-* `training.json` (if present): the record of the training run, shown as it is;
+* `training.json` (if present): the record of the training run that `vlm fit` and `vlm export` write
+  (`train.module.VLMModule.training_record`), summarized; a record in another format is shown as it is;
 * `eval_results.json`: the latest `vlm eval` results per benchmark, written by `vlm eval` through
   `write_model_card(dir, report)`. Each result records the SHA-256 of the weights it was measured on; results of
   other weights (the folder was trained further or overwritten since) are kept in the file but not shown as this
@@ -200,12 +201,104 @@ def _training(model_dir: Path) -> list[str]:
     record = _read_json(path)
     if not isinstance(record, dict):
         return [f"`{TRAINING_FILE}`: `{json.dumps(record)[:500]}`"]
+    if record.get("format_version") == 1:
+        return _training_summary(record)
     lines = [f"From `{TRAINING_FILE}`:", ""]
     for key, value in record.items():
         shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
         if len(shown) > 300:
             shown = shown[:297] + "..."
         lines.append(f"- **{key}**: {shown}")
+    return lines
+
+
+def _sources(sources: list[dict[str, Any]]) -> str:
+    shown = []
+    for s in sources:
+        name = f"`{s.get('source')}`" + (f" [{s['split']}]" if s.get("split") else "")
+        if s.get("rows") is None:
+            shown.append(f"{name} (rows not counted)")
+        else:
+            broken = f"; {s['broken_rows']:,} broken rows skipped" if s.get("broken_rows") else ""
+            shown.append(f"{name} ({s['rows']:,} rows{broken})")
+    return ", ".join(shown) or "none"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 3 * 3600 else f"{seconds / 3600:.1f} h"
+
+
+def _training_summary(r: dict[str, Any]) -> list[str]:
+    """The record `vlm fit` / `vlm export` write, as a few lines; fields a record lacks are left out."""
+    when = f"on {r.get('date', '?')}"
+    if r.get("exported_at"):  # a training checkpoint's record: `date` is when the checkpoint was saved
+        when = f"on {r['exported_at']}, from a checkpoint saved {r.get('date', '?')}"
+    lines = [f"Recorded by `{r.get('written_by', '?')}` {when}; the full record is `{TRAINING_FILE}`.", ""]
+    model = r.get("model") or {}
+    if model.get("init_from"):
+        start = f"initialised from `{model['init_from']}`"
+    elif model.get("config") == "custom":
+        start = "a custom config (see config.json)"
+    elif model.get("config"):
+        start = f"preset `{model['config']}`"
+    else:
+        start = None
+    if start and "pretrained" in model:
+        start += ", pretrained weights loaded as the config names them" if model["pretrained"] else ", from scratch"
+    if model.get("lora"):
+        lora = model["lora"]
+        start = (start + "; " if start else "") + f"LoRA r={lora.get('r')}, alpha={lora.get('alpha')} (merged)"
+    if start:
+        lines.append(f"- **Start**: {start}.")
+    data = r.get("data")
+    if isinstance(data, dict):
+        val = f"; validation: {_sources(data['val'])}" if data.get("val") else ""
+        streamed = " (streamed)" if data.get("streaming") else ""
+        bad = (r.get("last_metrics") or {}).get("train_bad_rows")
+        bad = f"; {bad:,} broken rows skipped in the last epoch" if bad else ""
+        lines.append(f"- **Data**: {_sources(data.get('train') or [])}{streamed}{val}{bad}.")
+    elif data is not None:
+        lines.append(f"- **Data**: {data}.")
+    if r.get("steps") is not None:
+        steps = f"{r['steps']:,} optimizer steps"
+        if r.get("epochs_seen") is not None:
+            steps += f" ({r['epochs_seen']} passes over the training rows)"
+        elif r.get("epoch") is not None:
+            steps += f" (Lightning epoch {r['epoch']})"
+        if r.get("global_batch_size"):
+            world = (r.get("devices") or 1) * (r.get("num_nodes") or 1)
+            steps += (
+                f", {r['global_batch_size']:,} rows per step ({r.get('batch_size')} per device x {world} device(s)"
+                f" x {r.get('accumulate_grad_batches', 1)} accumulated)"
+            )
+        lines.append(f"- **Steps**: {steps}.")
+    lrs = r.get("learning_rates") or {}
+    if lrs:
+        shown = ", ".join(f"{part} {lr}" if lr != 0 else f"{part} frozen" for part, lr in lrs.items())
+        opt = r.get("optimizer") or {}
+        if opt.get("name"):
+            shown += f"; {opt['name']}, weight decay {opt.get('weight_decay')}, warmup {opt.get('warmup')}"
+            shown += f", cosine decay to {opt.get('min_lr_ratio')}x"
+        lines.append(f"- **Learning rates** (peak): {shown}.")
+    if r.get("accelerator"):
+        hardware = f"{r.get('devices')} x {r['accelerator']} ({r.get('strategy')}), precision {r.get('precision')}"
+        if r.get("wall_time_s") is not None:
+            hardware += f"; wall time {_duration(r['wall_time_s'])}"
+        lines.append(f"- **Hardware**: {hardware}.")
+    last = r.get("last_metrics") or {}
+    losses = []
+    if last.get("train_loss") is not None:
+        losses.append(f"training loss {_fmt(last['train_loss'])} (last step)")
+    if last.get("val_loss") is not None:
+        accuracy = f", accuracy {_fmt(last['val_accuracy'])}" if last.get("val_accuracy") is not None else ""
+        losses.append(f"validation loss {_fmt(last['val_loss'])}{accuracy} (step {last.get('val_step')})")
+    if losses:
+        lines.append(f"- **Final losses**: {'; '.join(losses)}.")
+    versions = r.get("versions") or {}
+    if versions:
+        lines.append(f"- **Software**: {', '.join(f'{k} {v}' for k, v in versions.items() if v)}.")
     return lines
 
 
@@ -274,7 +367,7 @@ def render_model_card(model_dir: str | Path, digest: str | None = None) -> str:
         "",
         *_architecture(model_dir, config, processor),
         "",
-        "## Training data",
+        "## Training",
         "",
         *_training(model_dir),
         "",

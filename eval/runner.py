@@ -1,7 +1,7 @@
 """`vlm eval`: answer a benchmark with a checkpoint (or take another system's predictions) and score them.
 
 Data is the project's JSONL format (read by `vlm.data.read_jsonl`) or a Hugging Face dataset (a `save_to_disk`
-folder, a .parquet/.arrow file, or a hub name), read exactly as training reads it (`train.data`). Scores come from
+folder, a .parquet/.arrow file, or a hub name), read exactly as training reads it (`vlm.data`). Scores come from
 `eval.metrics.score`: VQA accuracy and exact match for question rows, COCO caption metrics for caption rows.
 
 Failed rows are counted, listed in the report and never dropped silently:
@@ -78,10 +78,10 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
 def _dataset_data(spec: str, split: str, columns: dict[str, str], caption_prompt: str, limit: int | None) -> _Data:
     import datasets
 
-    # Shared with training, so a dataset row means the same thing to `vlm fit` and `vlm eval`.
-    from train.data import _hf_source, _load_images, example_from_record
+    # The reader training uses too, so a dataset row means the same thing to `vlm fit` and `vlm eval`.
+    from vlm.data import example_from_record, load_row_images, open_hf_dataset
 
-    ds, base = _hf_source(spec, split, False, {})
+    ds, base = open_hf_dataset(spec, split)
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     image_column = columns.get("image", "image")
@@ -100,7 +100,7 @@ def _dataset_data(spec: str, split: str, columns: dict[str, str], caption_prompt
         row = _jsonable(ex.row)
         if not all(isinstance(x, Path) for x in images):
             row.pop("image", None)  # the stand-in names of in-memory images mean nothing outside this run
-        items.append(Item(row, [], ex.prompt, source=lambda images=images: _load_images(images)))
+        items.append(Item(row, [], ex.prompt, source=lambda images=images: load_row_images(images)))
         scorable.append(True)
     name = str(Path(spec).resolve()) if Path(spec).exists() else spec
     return _Data(items, scorable, where, name if Path(spec).is_file() else f"{name}[{split}]")

@@ -173,3 +173,91 @@ def test_broken_rows_carry_the_row_they_came_from(tmp_path):
     assert empty.row == {"id": 4, "question": ""}
     assert not_object.row == [1, 2]
     assert bad_json.row is None
+
+
+# ---- Hugging Face datasets: opening, records -> rows, row images -------------------------------------------------
+
+
+def test_importing_the_reader_does_not_import_datasets():
+    import subprocess
+    import sys
+
+    code = "import sys, vlm.data; assert 'datasets' not in sys.modules and 'lightning' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_example_from_record_maps_columns_and_keeps_in_memory_images(tmp_path):
+    from PIL import Image
+
+    from vlm.data import example_from_record
+
+    columns = {"image": "img", "question": "q", "answer": "a"}
+    picture = Image.new("RGB", (4, 4))
+    record = {"img": picture, "q": "what?", "a": ["x", "y", "x"], "id": 7}
+    ex, images = example_from_record(record, columns, tmp_path, PROMPT, "d[0]")
+    assert ex.kind == "vqa" and ex.references == ["x", "y", "x"]
+    assert ex.messages[-1] == {"role": "assistant", "content": "x"}  # the most common answer
+    assert images == [picture] and ex.row["id"] == 7 and "img" not in ex.row
+    ex, images = example_from_record({"img": ["a.png", "b/c.png"], "q": "?", "a": "z"}, columns, tmp_path, PROMPT, "w")
+    assert images == [tmp_path / "a.png", tmp_path / "b" / "c.png"]
+    text_only, images = example_from_record({"question": "2+2?", "answer": "4"}, {}, tmp_path, PROMPT, "w")
+    assert images == [] and text_only.kind == "vqa"
+
+    with pytest.raises(RowError, match=r"^d\[3\]: no column 'img' \(mapped to 'image'\); columns: q, a$"):
+        example_from_record({"q": "?", "a": "z"}, columns, tmp_path, PROMPT, "d[3]")
+    with pytest.raises(RowError, match=r"^d\[4\]: .*'answer' must be"):
+        example_from_record({"img": "a.png", "q": "?", "a": None}, columns, tmp_path, PROMPT, "d[4]")
+
+
+def test_load_row_images_takes_paths_pil_images_and_datasets_dicts(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from vlm.data import load_row_images
+
+    Image.new("RGB", (3, 2), (255, 0, 0)).save(tmp_path / "red.png")
+    buffer = io.BytesIO()
+    Image.new("L", (5, 5), 128).save(buffer, format="PNG")
+    rgba = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
+    items = [
+        tmp_path / "red.png",
+        rgba,
+        {"bytes": buffer.getvalue(), "path": None},
+        {"bytes": None, "path": str(tmp_path / "red.png")},
+    ]
+    out = load_row_images(items)
+    assert [im.mode for im in out] == ["RGB"] * 4
+    assert [im.size for im in out] == [(3, 2), (2, 2), (5, 5), (3, 2)]
+    assert out[0].getpixel((0, 0)) == (255, 0, 0) and out[1].getpixel((0, 0)) == (255, 255, 255)  # alpha on white
+    with pytest.raises(VLMError, match="corrupt image bytes"):
+        load_row_images([{"bytes": b"not a png", "path": None}])
+    with pytest.raises(VLMError, match="image not found"):
+        load_row_images([tmp_path / "absent.png"])
+    with pytest.raises(VLMError, match="unsupported image value of type int"):
+        load_row_images([3])
+
+
+def test_open_hf_dataset_reads_saved_folders_and_data_files(tmp_path):
+    import datasets
+
+    from vlm.data import open_hf_dataset
+
+    table = datasets.Dataset.from_dict({"q": ["a?", "b?"], "a": ["x", "y"]})
+    datasets.DatasetDict({"validation": table}).save_to_disk(str(tmp_path / "saved"))
+    table.to_parquet(str(tmp_path / "t.parquet"))
+    ds, base = open_hf_dataset(str(tmp_path / "saved"), "validation")
+    assert base == tmp_path / "saved" and ds["q"] == ["a?", "b?"]
+    ds, base = open_hf_dataset(str(tmp_path / "t.parquet"), "test", cache_dir=str(tmp_path / "cache"))
+    assert base == tmp_path and ds["a"] == ["x", "y"]  # a single file is its own split
+    stream, _ = open_hf_dataset(str(tmp_path / "saved"), "validation", streaming=True)
+    assert isinstance(stream, datasets.IterableDataset) and [r["q"] for r in stream] == ["a?", "b?"]
+
+    with pytest.raises(VLMError, match="has no split 'train'; it has validation"):
+        open_hf_dataset(str(tmp_path / "saved"), "train")
+    with pytest.raises(VLMError, match="data not found"):
+        open_hf_dataset(str(tmp_path / "absent.parquet"), "train")
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(VLMError, match=r"^cannot load dataset .*bad.parquet' \(split 'train'\): ") as e:
+        open_hf_dataset(str(tmp_path / "bad.parquet"), "train", cache_dir=str(tmp_path / "cache"))
+    assert "\n" not in str(e.value)

@@ -105,3 +105,28 @@ def test_real_efficientnet_lite0_weights_recognise_an_image(tmp_path):
         )
         logits = F.linear(F.relu6(head).mean((2, 3)), state["classifier.weight"], state["classifier.bias"])
     assert MILITARY_UNIFORM in logits.topk(5).indices[0].tolist()
+
+
+def test_weights_for_another_architecture_are_refused(tmp_path):
+    # timm alone would load nothing from this file (lenient for headless models) and leave the encoder random.
+    other = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    path = tmp_path / "resnet.safetensors"
+    save_file(other.state_dict(), str(path))
+    with pytest.raises(ValueError, match="do not match the model"):
+        create_encoder(
+            "vit_base_patch16_siglip_224", weights=path, img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2
+        )
+
+
+def test_weights_at_another_resolution_are_resampled(tmp_path):
+    kw = dict(patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=0)
+    src = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, img_size=32, **kw)
+    path = tmp_path / "vit.safetensors"
+    save_file(src.state_dict(), str(path))
+    enc = create_encoder(
+        "vit_base_patch16_siglip_224", weights=path, img_size=48, patch_size=8, embed_dim=64, depth=2, num_heads=2
+    )
+    assert enc.num_tokens == 36
+    # Everything but the (resampled) position embeddings is the file's.
+    assert torch.equal(enc.model.patch_embed.proj.weight, src.patch_embed.proj.weight)
+    assert enc.model.pos_embed.shape == (1, 36, 64)

@@ -242,6 +242,30 @@ def test_hf_datasets_match_the_jsonl(ckpt: Path, shapes: Path, tmp_path: Path) -
         evaluate(data=str(tmp_path / "six_dict"), columns=columns, **run)
 
 
+def test_reading_a_dataset_does_not_import_lightning(shapes: Path, tmp_path: Path) -> None:
+    """Evaluation reads datasets with `vlm.data`, as training does, without pulling in the training stack."""
+    import subprocess
+    import sys
+
+    import datasets
+
+    rows = _read_jsonl(shapes / "test.jsonl")[:2]
+    ds = datasets.Dataset.from_dict(
+        {"img": [str(shapes / r["image"]) for r in rows], "q": [r["question"] for r in rows], "a": ["x", None]}
+    )
+    ds.save_to_disk(str(tmp_path / "two"))
+    code = f"""
+import sys
+from eval.runner import _read_data
+columns = {{"image": "img", "question": "q", "answer": "a"}}
+data = _read_data({str(tmp_path / "two")!r}, "Describe.", "train", columns, None)
+assert data.scorable == [True, False] and "'answer' must be" in data.items[1].error, data.items[1].error
+assert [im.size for im in data.items[0].source()] == [{Image.open(shapes / rows[0]["image"]).size!r}]
+assert "lightning" not in sys.modules and "train.data" not in sys.modules
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_bad_requests_are_one_line_errors(ckpt: Path, shapes: Path) -> None:
     data = str(shapes / "test.jsonl")
     with pytest.raises(VLMError, match="'caption' of each row"):

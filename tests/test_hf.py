@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tokenizers.processors import TemplateProcessing
 from transformers import (
     AutoProcessor,
     CLIPImageProcessor,
@@ -185,10 +186,16 @@ def test_import_round_trip(exported, tmp_path):
     assert diff <= 1e-4
 
 
-def _foreign_llava(folder, vocab_pad: int = 13):
+def _foreign_llava(folder, bos: bool, vocab_pad: int = 13):
     """A LLaVA folder as transformers writes it: CLIP tower (feature layer -2, class token dropped), untied head,
-    a vocabulary padded past the tokenizer, a center-crop image processor and a list-content chat template."""
+    a vocabulary padded past the tokenizer, a center-crop image processor and a list-content chat template;
+    with `bos`, a tokenizer that adds a BOS token (as LLaVA-1.5's does) which the template does not write."""
     tokenizer = load_tokenizer(TINY_TOKENIZER)
+    if bos:
+        tokenizer.bos_token = "<|endoftext|>"
+        tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+            single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tokenizer.bos_token_id)]
+        )
     tokenizer.add_tokens(["<image>"], special_tokens=True)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     vision = CLIPVisionConfig(
@@ -229,8 +236,9 @@ def _foreign_llava(folder, vocab_pad: int = 13):
     return hf.eval(), len(tokenizer)
 
 
-def test_import_foreign_llava_folder(tmp_path):
-    hf, vocab = _foreign_llava(tmp_path / "llava")
+@pytest.mark.parametrize("bos", [False, True])
+def test_import_foreign_llava_folder(tmp_path, bos):
+    hf, vocab = _foreign_llava(tmp_path / "llava", bos)
     import_hf(str(tmp_path / "llava"), str(tmp_path / "vlm"))
     model, processor = load(tmp_path / "vlm")
     # Feature layer -2 of 3 blocks: vlm keeps 2; the class token is dropped as LLaVA's "default" does.
@@ -241,14 +249,24 @@ def test_import_foreign_llava_folder(tmp_path):
     theirs = hf_processor(images=[image], text=text, return_tensors="pt")
     ours = processor([PROMPT], [[image]])
     assert ours["input_ids"].tolist() == theirs["input_ids"].tolist()  # the wrapped chat template renders alike
+    assert (ours["input_ids"][0, 0].item() == hf_processor.tokenizer.bos_token_id) == bos
     assert torch.equal(ours["pixel_values"], theirs["pixel_values"])
     with torch.no_grad():
         diff = (model(**ours).logits - hf(**theirs).logits[..., :vocab]).abs().max().item()
     assert diff <= 1e-4
 
 
+def test_every_small_preset_exports(tmp_path):
+    for name in ("tiny", "shapes"):
+        model, processor = build(VLMConfig.from_name(name))
+        save_checkpoint(model, tmp_path / name, processor)
+        export_hf(str(tmp_path / name), str(tmp_path / f"{name}-hf"))
+        assert (tmp_path / f"{name}-hf" / "config.json").is_file()
+
+
 def test_export_refuses_unmappable_models(tmp_path):
-    config = VLMConfig.from_name("tiny")  # vit_tiny: a class token but no pre-norm, neither CLIP nor SigLIP
+    config = VLMConfig.from_name("tiny")
+    config.encoder.name = "vit_tiny_patch16_224"  # a class token but no pre-norm: neither CLIP nor SigLIP
     model, processor = build(config)
     save_checkpoint(model, tmp_path / "vit", processor)
     with pytest.raises(VLMError, match="cannot map encoder 'vit_tiny_patch16_224'.*class token and a pre-norm"):
@@ -268,6 +286,28 @@ def test_export_refuses_unmappable_models(tmp_path):
     with pytest.raises(VLMError, match="mlp projector only.*pixel_shuffle"):
         export_hf(str(tmp_path / "shuffle"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_export_other_decoder_families(tmp_path):
+    # GPT-2: its tied table is `wte`, which transformers' LLaVA cannot re-tie by name, so the head is written out.
+    config = VLMConfig.from_name("tiny")
+    config.encoder.name, config.encoder.overrides = VARIANTS["clip"][0], dict(TOWER)
+    config.decoder.hf_config = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 2, "n_positions": 256}
+    model, processor = build(config)
+    _spread_weights(model, 0)
+    save_checkpoint(model.eval(), tmp_path / "gpt2", processor)
+    export_hf(str(tmp_path / "gpt2"), str(tmp_path / "gpt2-hf"))
+    hf, info = LlavaForConditionalGeneration.from_pretrained(tmp_path / "gpt2-hf", output_loading_info=True)
+    assert not any(info.values())
+    batch = processor([PROMPT], [[_image(1)]])
+    with torch.no_grad():
+        assert (model(**batch).logits - hf.eval()(**batch).logits).abs().max().item() <= 1e-4
+    # GPT-J's lm_head has a bias, LLaVA's cannot.
+    config.decoder.hf_config = {"model_type": "gptj", "n_embd": 64, "n_layer": 2, "n_head": 2, "rotary_dim": 16}
+    model, processor = build(config)
+    save_checkpoint(model, tmp_path / "gptj", processor)
+    with pytest.raises(VLMError, match="lm_head has a bias"):
+        export_hf(str(tmp_path / "gptj"), str(tmp_path / "gptj-hf"))
 
 
 def test_export_and_import_refuse_bad_folders(exported, tmp_path):

@@ -67,6 +67,82 @@ def test_training_record_is_shown(built, tmp_path: Path) -> None:
     assert "Unknown" not in card
 
 
+def test_vlm_training_records_are_summarized(built, tmp_path: Path) -> None:
+    _, _, path = built
+    folder = Path(shutil.copytree(path, tmp_path / "tuned"))
+    record = {
+        "format_version": 1,
+        "written_by": "vlm fit",
+        "date": "2030-01-02T03:04:05+00:00",
+        "model": {"config": None, "init_from": "runs/align/model", "pretrained": True, "lora": {"r": 8, "alpha": 16}},
+        "learning_rates": {"encoder": 0.0, "projector": 0.001, "decoder": 2e-05},
+        "optimizer": {"name": "AdamW", "weight_decay": 0.01, "betas": [0.9, 0.95], "warmup": 0.03, "min_lr_ratio": 0.1},
+        "data": {
+            "train": [
+                {"source": "a.jsonl", "rows": 12000, "broken_rows": 3},
+                {"source": "hub/vqa", "split": "train", "rows": None, "broken_rows": None},
+            ],
+            "val": [{"source": "v.parquet", "split": "validation", "rows": 500, "broken_rows": None}],
+            "streaming": True,
+            "columns": None,
+        },
+        "steps": 1500,
+        "epoch": 2,
+        "epochs_seen": 2.5,
+        "batch_size": 16,
+        "accumulate_grad_batches": 2,
+        "global_batch_size": 128,
+        "precision": "bf16-mixed",
+        "accelerator": "cuda",
+        "devices": 4,
+        "num_nodes": 1,
+        "strategy": "DDPStrategy",
+        "wall_time_s": 5400.0,
+        "last_metrics": {
+            "train_loss": 0.5,
+            "train_bad_rows": 7,
+            "val_step": 1500,
+            "val_loss": 0.75,
+            "val_accuracy": 0.6,
+        },
+        "versions": {"lightning": "2.6.6", "torch": "2.14.1"},
+    }
+    (folder / "training.json").write_text(json.dumps(record))
+    card = write_model_card(folder).read_text()
+    expected = [
+        "## Training\n\nRecorded by `vlm fit` on 2030-01-02T03:04:05+00:00; the full record is `training.json`.",
+        "- **Start**: initialised from `runs/align/model`, pretrained weights loaded as the config names them; "
+        "LoRA r=8, alpha=16 (merged).",
+        "- **Data**: `a.jsonl` (12,000 rows; 3 broken rows skipped), `hub/vqa` [train] (rows not counted) (streamed); "
+        "validation: `v.parquet` [validation] (500 rows); 7 broken rows skipped in the last epoch.",
+        "- **Steps**: 1,500 optimizer steps (2.5 passes over the training rows), 128 rows per step (16 per device x 4 "
+        "device(s) x 2 accumulated).",
+        "- **Learning rates** (peak): encoder frozen, projector 0.001, decoder 2e-05; AdamW, weight decay 0.01, warmup "
+        "0.03, cosine decay to 0.1x.",
+        "- **Hardware**: 4 x cuda (DDPStrategy), precision bf16-mixed; wall time 90.0 min.",
+        "- **Final losses**: training loss 0.5000 (last step); validation loss 0.7500, accuracy 0.6000 (step 1500).",
+        "- **Software**: lightning 2.6.6, torch 2.14.1.",
+    ]
+    for line in expected:
+        assert line in card, line
+
+    # Exported from an old training checkpoint: what it does not know is said, not made up.
+    old = {"format_version": 1, "written_by": "vlm export of last.ckpt", "date": "2030-01-01T00:00:00+00:00",
+           "exported_at": "2030-02-01T00:00:00+00:00",
+           "model": {"lora": None}, "learning_rates": {"projector": 0.001},
+           "data": "unknown: this checkpoint does not record the data it was trained on", "steps": 40, "epoch": 1,
+           "versions": {"lightning": "2.6.6"}}  # fmt: skip
+    (folder / "training.json").write_text(json.dumps(old))
+    card = write_model_card(folder).read_text()
+    assert (
+        "Recorded by `vlm export of last.ckpt` on 2030-02-01T00:00:00+00:00, from a checkpoint saved "
+        "2030-01-01T00:00:00+00:00; the full record is `training.json`." in card
+    )
+    assert "- **Data**: unknown: this checkpoint does not record the data it was trained on." in card
+    assert "- **Steps**: 40 optimizer steps (Lightning epoch 1)." in card and "**Start**" not in card
+    assert "**Final losses**" not in card and "**Hardware**" not in card
+
+
 def test_not_a_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(VLMError, match="not a vlm checkpoint folder"):
         write_model_card(tmp_path)

@@ -141,10 +141,10 @@ def test_too_many_broken_rows_up_front_is_one_line_error(tmp_path, processor):
     assert "\n" not in str(e.value)
 
 
-def test_resumable_loader_skips_consumed_batches_in_the_same_order(processor):
-    rows = JsonlRows(SHAPES / "val.jsonl", processor.caption_prompt)
-    rows.examples = rows.examples[:120]
-    dataset = VLMDataset(rows, processor)
+def test_resumable_loader_skips_consumed_batches_in_the_same_order(tmp_path, processor):
+    lines = (SHAPES / "val.jsonl").read_text().splitlines()[:120]
+    rows = [{**json.loads(line), "image": str(SHAPES / json.loads(line)["image"])} for line in lines]
+    dataset = VLMDataset(JsonlRows(write_jsonl(tmp_path / "d.jsonl", rows), processor.caption_prompt), processor)
     epoch = {"n": 1}
 
     def loader():
@@ -169,3 +169,12 @@ def test_resumable_loader_skips_consumed_batches_in_the_same_order(processor):
     epoch["n"] = 2
     again = [b["input_ids"] for b in resumed]
     assert len(again) == 8 and not torch.equal(again[0], full[0])
+
+
+def test_ranks_get_disjoint_shares_and_skip_within_their_own():
+    data = list(range(20))
+    samplers = [ResumableSampler(data, num_replicas=2, rank=r, shuffle=True, seed=0) for r in (0, 1)]
+    shares = [list(s) for s in samplers]
+    assert sorted(shares[0] + shares[1]) == data
+    samplers[1].start = 4
+    assert list(samplers[1]) == shares[1][4:]

@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lightning
 import pytest
 import torch
 from lightning.pytorch import Callback
 
+from eval.model_card import write_model_card
 from train.callbacks import AtomicCheckpointIO
 from train.cli import main, make_cli
 from train.export import export
 from vlm.checkpoint import load
+from vlm.errors import VLMError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "samples" / "configs" / "tiny.yaml"
@@ -52,11 +55,40 @@ def test_tiny_recipe_lowers_the_loss_and_leaves_a_loadable_model(tmp_path):
     trained = cli.model.vlm.state_dict()
     for name, value in model.state_dict().items():
         assert torch.equal(value, trained[name]), name
-    # `vlm export` of the last checkpoint writes the same weights.
+    # Beside the weights, the record of the run, which the model card summarizes.
+    record = json.loads((tmp_path / "model" / "training.json").read_text())
+    shapes = "samples/data/shapes-mini"
+    assert record["written_by"] == "vlm fit" and record["steps"] == 30 and record["model"]["config"] == "tiny"
+    assert record["data"]["train"] == [
+        {"source": f"{shapes}/train.jsonl", "rows": 4000, "broken_rows": 0},
+        {"source": f"{shapes}/train_captions.jsonl", "rows": 200, "broken_rows": 0},
+    ]
+    assert record["data"]["val"] == [{"source": f"{shapes}/val.jsonl", "rows": 400, "broken_rows": 0}]
+    assert record["learning_rates"] == {"encoder": 1e-3, "projector": 1e-3, "decoder": 1e-3}
+    assert record["batch_size"] == 32 and record["global_batch_size"] == 32 and record["precision"] == "32-true"
+    assert record["epochs_seen"] == round(30 / 132, 3)  # 4200 rows in batches of 32
+    assert record["versions"]["lightning"] == lightning.__version__ and record["wall_time_s"] > 0
+    last = record["last_metrics"]
+    assert last["val_step"] == 30 and last["val_loss"] == pytest.approx(after, rel=1e-5) and 0 < last["train_loss"]
+    card = write_model_card(tmp_path / "model").read_text()
+    assert f"- **Data**: `{shapes}/train.jsonl` (4,000 rows), `{shapes}/train_captions.jsonl` (200 rows)" in card
+    assert "- **Steps**: 30 optimizer steps" in card and f"validation loss {last['val_loss']:.4f}" in card
+    # `vlm export` of the last checkpoint writes the same weights, and the record as of that checkpoint.
     export(str(tmp_path / "checkpoints" / "last.ckpt"), str(tmp_path / "exported"))
     exported, _ = load(tmp_path / "exported")
     for name, value in exported.state_dict().items():
         assert torch.equal(value, trained[name]), name
+    from_ckpt = json.loads((tmp_path / "exported" / "training.json").read_text())
+    assert from_ckpt["written_by"] == f"vlm export of {tmp_path / 'checkpoints' / 'last.ckpt'}"
+    assert from_ckpt["steps"] == 30 and from_ckpt["data"] == record["data"]
+    # A checkpoint from before runs recorded themselves: what Lightning stored, and the data said to be unknown.
+    old = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    del old["vlm"]["training"]
+    torch.save(old, tmp_path / "old.ckpt")
+    export(str(tmp_path / "old.ckpt"), str(tmp_path / "old"))
+    from_old = json.loads((tmp_path / "old" / "training.json").read_text())
+    assert from_old["steps"] == 30 and from_old["data"].startswith("unknown")
+    assert from_old["learning_rates"] == record["learning_rates"] and "last_metrics" not in from_old
     # Resuming reads checkpoints as tensors and plain containers only.
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert {"vlm", "rng", "optimizer_states", "lr_schedulers"} <= set(ckpt)
@@ -118,6 +150,9 @@ def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path, small_data):
     main(["fit", *run_args(tmp_path / "b", small_data), "--ckpt_path=last"])
     a = load(tmp_path / "a" / "model")[0].state_dict()
     b = load(tmp_path / "b" / "model")[0].state_dict()
+    records = [json.loads((tmp_path / run / "model" / "training.json").read_text()) for run in ("a", "b")]
+    assert [r["steps"] for r in records] == [16, 16] and [r["epochs_seen"] for r in records] == [2.667, 2.667]
+    assert records[1]["data"] == records[0]["data"] and records[1]["data"]["train"][0]["rows"] == 48
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     print(f"resumed vs uninterrupted: largest parameter difference {worst}")
@@ -139,3 +174,31 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert io.load_checkpoint(path)["step"].item() == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_broken_rows_found_in_workers_are_reported_and_can_stop_the_run(tmp_path, small_data, caplog):
+    rows = [json.loads(line) for line in (small_data / "train.jsonl").read_text().splitlines()[:20]]
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    for k in (3, 8, 13, 18):
+        rows.insert(k, {"image": str(tmp_path / "corrupt.png"), "question": "What?", "answer": "circle"})
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [
+        *run_args(tmp_path / "run", small_data),
+        f"--data.train={tmp_path / 'train.jsonl'}",
+        "--data.num_workers=1",
+        "--trainer.max_steps=3",
+        "--trainer.val_check_interval=3",
+    ]
+    # The images are only opened in the loader worker; the count still reaches the main process.
+    strict = make_cli([*args, "--data.max_bad_fraction=0.1"], run=False)
+    with pytest.raises(VLMError, match=r"^4 of 24 rows \(16.7%\) of the training data are broken") as e:
+        strict.trainer.fit(strict.model, datamodule=strict.datamodule)
+    assert "\n" not in str(e.value) and "corrupt" in str(e.value)
+
+    lenient = make_cli([*args, "--data.max_bad_fraction=0.5"], run=False)
+    with caplog.at_level("INFO"):
+        lenient.trainer.fit(lenient.model, datamodule=lenient.datamodule)
+    assert "epoch 0, training data: 4 of 24 rows broken and skipped (16.67%)" in caplog.text
+    metrics = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    column = metrics[0].split(",").index("data/train_bad_rows")
+    assert [line.split(",")[column] for line in metrics[1:] if line.split(",")[column]] == ["4.0"]

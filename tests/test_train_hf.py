@@ -33,10 +33,18 @@ def table():
     answers = [[n] for n in names]
     answers[5] = None
     return datasets.Dataset.from_dict(
-        {"picture": [Image.new("RGB", (16, 16), COLORS[n]) for n in names],
-         "query": ["What colour is it?"] * len(names), "label": answers},
-        features=datasets.Features({"picture": datasets.Image(), "query": datasets.Value("string"),
-                                    "label": datasets.Sequence(datasets.Value("string"))}),
+        {
+            "picture": [Image.new("RGB", (16, 16), COLORS[n]) for n in names],
+            "query": ["What colour is it?"] * len(names),
+            "label": answers,
+        },
+        features=datasets.Features(
+            {
+                "picture": datasets.Image(),
+                "query": datasets.Value("string"),
+                "label": datasets.Sequence(datasets.Value("string")),
+            }
+        ),
     )
 
 
@@ -45,16 +53,23 @@ COLUMNS = {"image": "picture", "question": "query", "answer": "label"}
 
 def answers_of(processor, batch) -> list[str]:
     tok = processor.tokenizer
-    return [tok.decode([t for t in row.tolist() if t != IGNORE_INDEX], skip_special_tokens=True).strip()
-            for row in batch["labels"]]
+    return [
+        tok.decode([t for t in row.tolist() if t != IGNORE_INDEX], skip_special_tokens=True).strip()
+        for row in batch["labels"]
+    ]
 
 
 def test_saved_dataset_and_parquet_with_mapped_columns(tmp_path, table, processor):
     table.save_to_disk(str(tmp_path / "saved"))
     table.to_parquet(str(tmp_path / "t.parquet"))
     for source in (tmp_path / "saved", tmp_path / "t.parquet"):
-        dm = VLMDataModule(train=str(source), columns=COLUMNS, batch_size=4, num_workers=0,
-                           hf_kwargs={"cache_dir": str(tmp_path / "cache")} if source.suffix else None)
+        dm = VLMDataModule(
+            train=str(source),
+            columns=COLUMNS,
+            batch_size=4,
+            num_workers=0,
+            hf_kwargs={"cache_dir": str(tmp_path / "cache")} if source.suffix else None,
+        )
         dm.processor = processor
         dm.setup("fit")
         batches = list(dm.train_dataloader())
@@ -64,6 +79,8 @@ def test_saved_dataset_and_parquet_with_mapped_columns(tmp_path, table, processo
         bad = [m for b in batches for _, m in b["bad"]]
         assert len(bad) == 1 and bad[0].startswith(f"{source}[5]") and "answer" in bad[0]
         assert all(b["pixel_values"].shape == (4, 3, 32, 32) for b in batches)
+        # Dataset rows are parsed only when loaded: the training record cannot count broken ones up front.
+        assert dm.describe()["train"] == [{"source": str(source), "split": "train", "rows": 12, "broken_rows": None}]
 
 
 def test_imagefolder_with_metadata(tmp_path, processor):
@@ -74,18 +91,25 @@ def test_imagefolder_with_metadata(tmp_path, processor):
         Image.new("RGB", (16, 16), rgb).save(folder / f"{name}.png")
         rows.append({"file_name": f"{name}.png", "caption": f"a {name} square"})
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    dm = VLMDataModule(train=str(folder), batch_size=3, num_workers=0,
-                       hf_kwargs={"cache_dir": str(tmp_path / "cache")})
+    dm = VLMDataModule(train=str(folder), batch_size=3, num_workers=0, hf_kwargs={"cache_dir": str(tmp_path / "cache")})
     dm.processor = processor
     dm.setup("fit")
     (batch,) = list(dm.train_dataloader())
     assert sorted(answers_of(processor, batch)) == sorted(f"a {n} square" for n in COLORS)
 
 
-def test_streaming_resumes_at_the_same_row(tmp_path, table, processor):
+def test_streaming_resumes_at_the_same_row(tmp_path, table, processor, monkeypatch):
+    # datasets pauses 5 s after each pass over a parquet stream (an Arrow thread-shutdown workaround).
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
     table.to_parquet(str(tmp_path / "t.parquet"))
-    dm = VLMDataModule(train=str(tmp_path / "t.parquet"), columns=COLUMNS, streaming=True, batch_size=2,
-                       num_workers=0, hf_kwargs={"cache_dir": str(tmp_path / "cache")})
+    dm = VLMDataModule(
+        train=str(tmp_path / "t.parquet"),
+        columns=COLUMNS,
+        streaming=True,
+        batch_size=2,
+        num_workers=0,
+        hf_kwargs={"cache_dir": str(tmp_path / "cache")},
+    )
     dm.processor = processor
     dm.setup("fit")
 
@@ -107,8 +131,14 @@ def test_streaming_resumes_at_the_same_row(tmp_path, table, processor):
 
 
 def test_lora_trains_adapters_only_and_merges_on_export(tmp_path, table, processor):
-    module = VLMModule(config="tiny", pretrained=False, lr_encoder=0, lr_projector=0, lr_decoder=1e-2,
-                       lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    module = VLMModule(
+        config="tiny",
+        pretrained=False,
+        lr_encoder=0,
+        lr_projector=0,
+        lr_decoder=1e-2,
+        lora=LoraSettings(r=4, alpha=8, dropout=0.0),
+    )
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     dm = VLMDataModule(train=str(tmp_path / "x"), columns=COLUMNS, batch_size=4, num_workers=0)
@@ -127,6 +157,9 @@ def test_lora_trains_adapters_only_and_merges_on_export(tmp_path, table, process
     export_state(module.export_meta(), module.state_dict(), tmp_path / "merged")
     merged, _ = load(tmp_path / "merged")
     assert not any("lora" in n for n in merged.state_dict())
+    record = json.loads((tmp_path / "merged" / "training.json").read_text())
+    assert record["model"]["lora"]["r"] == 4 and record["learning_rates"]["decoder"] == 1e-2
+    assert "steps" not in record and "data" not in record  # trained without a Trainer: nothing to tell
     with torch.no_grad():
         got = merged(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
     assert torch.allclose(got, expected, atol=1e-4)

@@ -86,8 +86,8 @@ class Throughput(Callback):
 
 
 class RunArtifacts(Callback):
-    """At the end of a successful fit: the trained model as a vlm checkpoint folder (`<run>/model`) and a plot of
-    the training and validation curves (`<run>/curves.png`)."""
+    """At the end of a successful fit: the trained model as a vlm checkpoint folder (`<run>/model`, with the run's
+    training record, training.json) and a plot of the training and validation curves (`<run>/curves.png`)."""
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         from train.export import export_state

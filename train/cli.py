@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from train.callbacks import AtomicCheckpointIO
 from train.data import VLMDataModule
@@ -57,8 +58,10 @@ class VLMCLI(LightningCLI):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         callbacks = config.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-        if config.get("enable_checkpointing") is not False and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-            kwargs["callbacks"] = [*callbacks, ModelCheckpoint(save_last=True, every_n_train_steps=DEFAULT_CHECKPOINT_EVERY)]
+        checkpointing = config.get("enable_checkpointing") is not False
+        if checkpointing and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            default = ModelCheckpoint(save_last=True, every_n_train_steps=DEFAULT_CHECKPOINT_EVERY)
+            kwargs["callbacks"] = [*callbacks, default]
         return super().instantiate_trainer(**kwargs)
 
 
@@ -87,7 +90,10 @@ def main(args: list[str]) -> None:
     """Runs `vlm fit ...` or `vlm validate ...`: `args` starts with the subcommand, then `--config` and overrides."""
     if args and args[0] not in SUBCOMMANDS and not args[0].startswith("-"):
         raise VLMError(f"unknown training command {args[0]!r}; choose from {', '.join(SUBCOMMANDS)}")
-    make_cli(args)
+    try:
+        make_cli(args)
+    except MisconfigurationException as e:  # Lightning's word for a bad trainer setting: one line, no traceback
+        raise VLMError(str(e).splitlines()[0]) from e
 
 
 if __name__ == "__main__":

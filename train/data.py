@@ -1,7 +1,7 @@
 """Training data: the project's JSONL files or Hugging Face datasets, as a `LightningDataModule`.
 
-Every row is read by `vlm.data` (`read_jsonl` for JSONL; `parse_row` for dataset rows after renaming columns), so
-training, evaluation and inference agree on what a row means.
+Every row is read by `vlm.data` (`read_jsonl` for JSONL; `open_hf_dataset` and `example_from_record` for datasets),
+so training, evaluation and inference agree on what a row means.
 
 Broken rows never crash an epoch and are never dropped silently. Rows that cannot be parsed, and rows whose image
 file is missing, are found up front in the main process. Rows that fail later in a loader worker (a corrupt image,
@@ -15,83 +15,28 @@ loader then starts the epoch after the batches already trained on, in the same s
 
 from __future__ import annotations
 
-import io
+import json
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
 from train.collate import Collator, encode_sample
-from vlm.data import Example, RowError, parse_row, read_jsonl
+from vlm.data import Example, RowError, example_from_record, load_row_images, open_hf_dataset, parse_row, read_jsonl
 from vlm.errors import VLMError
-from vlm.images import load_image, to_rgb
 from vlm.processor import Processor
 
 # A run of this many broken rows in a row means the data (not a row) is broken: stop rather than skip on.
 MAX_CONSECUTIVE_BAD = 32
-# Files that mark a folder written by `datasets.save_to_disk`.
-_SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
 # ---- rows ----------------------------------------------------------------------------------------------------------
-
-
-def _load_images(images: list[Any]) -> list[Image.Image]:
-    """Paths (opened safely by `vlm.images.load_image`), PIL images, or datasets' `{"bytes", "path"}` dicts."""
-    out = []
-    for item in images:
-        if isinstance(item, Path):
-            out.append(load_image(item))
-        elif isinstance(item, Image.Image):
-            out.append(to_rgb(item))
-        elif isinstance(item, dict) and item.get("bytes"):
-            try:
-                img = Image.open(io.BytesIO(item["bytes"]))
-                img.load()
-            except (OSError, ValueError, SyntaxError) as e:
-                raise VLMError(f"corrupt image bytes ({e})") from None
-            out.append(to_rgb(img))
-        elif isinstance(item, dict) and item.get("path"):
-            out.append(load_image(item["path"]))
-        else:
-            raise VLMError(f"unsupported image value of type {type(item).__name__}")
-    return out
-
-
-def example_from_record(
-    record: dict[str, Any], columns: dict[str, str], base: Path, caption_prompt: str, where: str
-) -> tuple[Example, list[Any]]:
-    """A datasets row -> (`Example`, its images): columns renamed to the JSONL fields, then `vlm.data.parse_row`.
-
-    `columns` maps a JSONL field (image, caption, question, answer, conversations) to the dataset's column. An image
-    value may be a path (relative to `base`), a PIL image or a `{"bytes", "path"}` dict, or a list of these.
-    Raises `RowError` (prefixed with `where`) for a broken row.
-    """
-    row = dict(record)
-    for field, column in columns.items():
-        if column not in record:
-            raise RowError(f"{where}: no column {column!r} (mapped to {field!r}); columns: {', '.join(record)}")
-        row.pop(column)
-        row[field] = record[column]
-    value = row.get("image")
-    items = [] if value is None else value if isinstance(value, list) else [value]
-    in_memory = [None if isinstance(item, str) else item for item in items]
-    if items:
-        # parse_row validates paths; in-memory images get a stand-in name and are put back after.
-        row["image"] = [item if isinstance(item, str) else f"<image {k}>" for k, item in enumerate(items)]
-    else:
-        row.pop("image", None)
-    try:
-        example = parse_row(row, base, caption_prompt)
-    except RowError as e:
-        raise RowError(f"{where}: {e}") from None
-    return example, [path if obj is None else obj for path, obj in zip(example.images, in_memory)]
 
 
 class RowSource:
@@ -112,40 +57,64 @@ class RowSource:
 
 
 class JsonlRows(RowSource):
-    """A JSONL file, read once in the main process. Unparseable rows and rows whose image file is missing go to
-    `errors`; the rest are indexed."""
+    """A JSONL file, checked once in the main process: rows that do not parse and rows whose image file is missing go
+    to `errors`. The good rows are kept as byte offsets (two numbers a row, so forked loader workers share them
+    instead of copying millions of Python objects) and parsed again with `vlm.data.parse_row` when read."""
 
     def __init__(self, path: str | Path, caption_prompt: str):
-        self.name = str(path)
-        self.examples: list[Example] = []
+        self.path, self.name, self.caption_prompt = Path(path), str(path), caption_prompt
         self.errors = []
+        starts = _line_starts(self.path)
         exists: dict[Path, bool] = {}
+        lines: list[int] = []
         for item in read_jsonl(path, caption_prompt):
             if isinstance(item, RowError):
                 self.errors.append((f"{path}:{item.line}", f"{path}: {item}"))
                 continue
-            missing = [p for p in item.images if not exists.setdefault(p, p.is_file())]
+            for p in item.images:
+                if p not in exists:
+                    exists[p] = p.is_file()
+            missing = [p for p in item.images if not exists[p]]
             if missing:
                 self.errors.append((f"{path}:{item.line}", f"{path}: line {item.line}: image not found: {missing[0]}"))
                 continue
-            self.examples.append(item)
+            lines.append(item.line)
+        self.lines = np.array(lines, dtype=np.int64)
+        self.offsets = np.array([starts[n - 1] for n in lines], dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self.lines)
 
     def get(self, i: int) -> tuple[Example, list[Any]]:
-        ex = self.examples[i]
-        return ex, list(ex.images)
+        with self.path.open("rb") as f:
+            f.seek(int(self.offsets[i]))
+            text = f.readline()
+        example = parse_row(json.loads(text), self.path.parent, self.caption_prompt, line=int(self.lines[i]))
+        return example, list(example.images)
 
     def key(self, i: int) -> str:
-        return f"{self.name}:{self.examples[i].line}"
+        return f"{self.name}:{self.lines[i]}"
+
+
+def _line_starts(path: Path) -> list[int]:
+    """Byte offset of every line (line n starts at [n - 1]), numbered as `read_jsonl` numbers them."""
+    starts, position = [], 0
+    with path.open("rb") as f:
+        for line in f:
+            # Text mode (read_jsonl) also breaks lines at a lone CR; JSON never holds a raw one inside a row.
+            if b"\r" in line.rstrip(b"\r\n"):
+                raise VLMError(f"{path}: line {len(starts) + 1} holds a carriage return; use \\n line endings")
+            starts.append(position)
+            position += len(line)
+    return starts
 
 
 class DatasetRows(RowSource):
     """A map-style Hugging Face dataset; rows are parsed when read (in the loader workers)."""
 
     def __init__(self, dataset, name: str, columns: dict[str, str], base: Path, caption_prompt: str):
-        self.dataset, self.name, self.columns, self.base, self.caption_prompt = dataset, name, columns, base, caption_prompt
+        self.dataset, self.name, self.columns, self.base = dataset, name, columns, base
+        self.caption_prompt = caption_prompt
         self.errors = []
 
     def __len__(self) -> int:
@@ -210,7 +179,7 @@ class VLMDataset(Dataset):
                 sample = encode_sample(
                     self.processor,
                     example.messages,
-                    _load_images(images),
+                    load_row_images(images),
                     example.kind,
                     example.references,
                     self.max_length,
@@ -258,7 +227,11 @@ class StreamingVLMDataset(IterableDataset):
                     record, self.columns, self.base, self.processor.caption_prompt, where
                 )
                 sample = encode_sample(
-                    self.processor, example.messages, _load_images(images), example.kind, example.references,
+                    self.processor,
+                    example.messages,
+                    load_row_images(images),
+                    example.kind,
+                    example.references,
                     self.max_length,
                 )
             except VLMError as e:
@@ -338,46 +311,14 @@ class ResumableDataLoader(DataLoader):
         self._exhausted = True
 
 
-# ---- opening sources -----------------------------------------------------------------------------------------------
-
-
-def _hf_source(spec: str, split: str, streaming: bool, hf_kwargs: dict[str, Any]):
-    """(dataset, base folder for relative image paths) for a datasets folder, parquet/arrow file(s), an image folder,
-    or a hub name."""
-    import datasets
-
-    path = Path(spec)
-    try:
-        if path.is_dir() and any((path / f).is_file() for f in _SAVED_DATASET_FILES):
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise VLMError(f"{spec} has no split {split!r}; it has {', '.join(ds)}")
-                ds = ds[split]
-            return (ds.to_iterable_dataset(num_shards=max(1, min(64, len(ds) // 1000))) if streaming else ds), path
-        if path.is_file() and path.suffix in (".parquet", ".arrow"):
-            kind = path.suffix[1:]
-            ds = datasets.load_dataset(kind, data_files=str(path), split="train", streaming=streaming, **hf_kwargs)
-            return ds, path.parent
-        if path.is_dir():
-            ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split, streaming=streaming, **hf_kwargs)
-            return ds, path
-        if path.suffix or spec.startswith((".", "/")):
-            raise VLMError(f"data not found: {spec}")
-        ds = datasets.load_dataset(spec, split=split, streaming=streaming, **hf_kwargs)
-        return ds, Path.cwd()
-    except VLMError:
-        raise
-    except Exception as e:  # datasets raises many types (hub, format, split errors); report them as one line
-        raise VLMError(f"cannot load dataset {spec!r} (split {split!r}): {str(e).splitlines()[0]}") from e
-
-
 class VLMDataModule(LightningDataModule):
     """Training and validation data for `vlm fit` / `vlm validate`.
 
-    A source is a JSONL file (the project's format), a folder saved with `datasets` `save_to_disk`, a `.parquet` or
-    `.arrow` file, an image folder with a metadata file (`imagefolder`), or a dataset name on the Hugging Face hub.
-    Several sources are concatenated.
+    A source is a JSONL file (the project's format), a folder saved with `datasets` `save_to_disk`, a `.parquet`,
+    `.arrow`, `.json` or `.csv` file, an image folder with a metadata file (`imagefolder`), or a dataset name on the
+    Hugging Face hub. Several sources are concatenated. `datasets` sources are read through `columns`; their images
+    may be paths (relative to the source's folder) or images stored in the dataset. Validation data is never
+    streamed.
 
     Args:
         train: Training source(s).
@@ -444,7 +385,7 @@ class VLMDataModule(LightningDataModule):
     def _rows(self, spec: str, split: str) -> RowSource:
         if spec.endswith(".jsonl"):
             return JsonlRows(spec, self.processor.caption_prompt)
-        ds, base = _hf_source(spec, split, False, self.hf_kwargs)
+        ds, base = open_hf_dataset(spec, split, **self.hf_kwargs)
         return DatasetRows(ds, spec, self.columns, base, self.processor.caption_prompt)
 
     def _map_dataset(self, specs: list[str], split: str, what: str, generate: int) -> VLMDataset:
@@ -469,7 +410,7 @@ class VLMDataModule(LightningDataModule):
 
         if len(specs) != 1 or specs[0].endswith(".jsonl"):
             raise VLMError("data.streaming reads exactly one datasets source (not JSONL)")
-        stream, base = _hf_source(specs[0], split, True, self.hf_kwargs)
+        stream, base = open_hf_dataset(specs[0], split, streaming=True, **self.hf_kwargs)
         if not isinstance(stream, datasets.IterableDataset):
             raise VLMError(f"{specs[0]} did not open as a stream")
         if shuffle:
@@ -498,6 +439,37 @@ class VLMDataModule(LightningDataModule):
             self.val_errors = list(self.val_set.rows.errors)
         if stage == "validate" and not self.val:
             raise VLMError("no validation data: set --data.val")
+
+    def describe(self) -> dict[str, Any]:
+        """The data as given and what indexing found in it, for the run's training record.
+
+        Each source (its spec as given) with `rows`, the rows indexed, and `broken_rows`, those found broken and
+        skipped while indexing. JSONL files are checked up front; dataset rows are only parsed when loaded, so their
+        `broken_rows` is None, and both are None for a source not indexed (streamed, or not set up). Rows that fail
+        in a loader are counted per epoch by `train.callbacks.DataHealth` (`data/train_bad_rows`).
+        """
+
+        def sources(specs: list[str], dataset: Dataset | None, split: str) -> list[dict[str, Any]]:
+            indexed: list[RowSource] = []
+            if isinstance(dataset, VLMDataset):
+                indexed = dataset.rows.sources if isinstance(dataset.rows, ConcatRows) else [dataset.rows]
+            out = []
+            for k, spec in enumerate(specs):
+                entry: dict[str, Any] = {"source": spec}
+                if not spec.endswith(".jsonl"):
+                    entry["split"] = split
+                counted = len(indexed) == len(specs)
+                entry["rows"] = len(indexed[k]) if counted else None
+                entry["broken_rows"] = len(indexed[k].errors) if counted and isinstance(indexed[k], JsonlRows) else None
+                out.append(entry)
+            return out
+
+        return {
+            "train": sources(self.train, self.train_set, self.train_split),
+            "val": sources(self.val, self.val_set, self.val_split),
+            "streaming": self.streaming,
+            "columns": self.columns or None,
+        }
 
     # ---- loaders ----
 

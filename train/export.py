@@ -1,7 +1,11 @@
-"""Training checkpoints (`.ckpt`) -> vlm checkpoint folders that `vlm caption/ask --model DIR` load directly."""
+"""Training checkpoints (`.ckpt`) -> vlm checkpoint folders that `vlm caption/ask --model DIR` load directly, with
+the run's training record (training.json, shown by the model card) beside the weights."""
 
 from __future__ import annotations
 
+import datetime
+import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -9,6 +13,7 @@ from typing import Any
 
 import torch
 
+from eval.model_card import TRAINING_FILE
 from vlm.checkpoint import save_checkpoint
 from vlm.config import VLMConfig
 from vlm.errors import VLMError
@@ -18,7 +23,8 @@ from vlm.processor import Processor
 
 def export_state(meta: dict[str, Any], state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
     """Rebuilds the model from `meta` (`VLMModule.export_meta`), loads the module's `state_dict` (keys `vlm.*`),
-    merges LoRA adapters, and writes a vlm checkpoint folder (atomically)."""
+    merges LoRA adapters, and writes a vlm checkpoint folder (atomically), plus `meta["training"]` (the run's
+    training record) as training.json when there is one."""
     from train.module import LoraSettings, add_lora, merged_copy
 
     tmp = Path(tempfile.mkdtemp(prefix="vlm-export-"))
@@ -34,13 +40,52 @@ def export_state(meta: dict[str, Any], state_dict: dict[str, torch.Tensor], out_
     weights = {k.removeprefix("vlm."): v for k, v in state_dict.items() if k.startswith("vlm.")}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise VLMError(f"the training checkpoint does not match its model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise VLMError(
+            f"the training checkpoint does not match its model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     model = merged_copy(model).float().eval()
-    return save_checkpoint(model, out_dir, processor)
+    out = save_checkpoint(model, out_dir, processor)
+    if meta.get("training") is not None:
+        tmp = out / f".{TRAINING_FILE}.partial"
+        tmp.write_text(json.dumps(meta["training"], indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, out / TRAINING_FILE)
+    return out
+
+
+def checkpoint_record(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The training record of a training checkpoint: the one `vlm fit` stored in it (`VLMModule.training_record` at
+    the time of the save), or, for checkpoints from before vlm stored one, what Lightning's own fields tell (steps,
+    epoch, learning rates, hyperparameters); the data is then unknown and the record says so."""
+    from train.module import PARTS
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    record = dict(ckpt["vlm"].get("training") or {})
+    if not record:
+        # Each trained part has an optimizer group named after it (and one for its parameters without decay).
+        groups = [g for state in ckpt.get("optimizer_states", []) for g in state.get("param_groups", [])]
+        saved = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
+        record = {
+            "format_version": 1,
+            "date": saved.isoformat(timespec="seconds"),
+            "model": {"lora": ckpt["vlm"].get("lora")},
+            "learning_rates": {g["name"]: g.get("initial_lr", g.get("lr")) for g in groups if g.get("name") in PARTS},
+            "data": "unknown: this checkpoint does not record the data it was trained on",
+            "versions": {"lightning": ckpt.get("pytorch-lightning_version")},
+        }
+        if ckpt.get("hyper_parameters"):
+            record["hyperparameters"] = ckpt["hyper_parameters"]
+    record.update(
+        written_by=f"vlm export of {path}",
+        exported_at=now.isoformat(timespec="seconds"),
+        steps=ckpt.get("global_step"),
+        epoch=ckpt.get("epoch"),
+    )
+    return record
 
 
 def export(checkpoint: str, out_dir: str) -> None:
-    """Writes the model of a training checkpoint as a vlm checkpoint folder (LoRA adapters merged).
+    """Writes the model of a training checkpoint as a vlm checkpoint folder (LoRA adapters merged), with the run's
+    training record as of that checkpoint (training.json: steps, data, learning rates; shown by the model card).
 
     Args:
         checkpoint: A training checkpoint written by `vlm fit`, e.g. `runs/tiny/checkpoints/last.ckpt`.
@@ -55,4 +100,4 @@ def export(checkpoint: str, out_dir: str) -> None:
         raise VLMError(f"cannot read training checkpoint {checkpoint}: {str(e).splitlines()[0]}") from e
     if "vlm" not in ckpt or "state_dict" not in ckpt:
         raise VLMError(f"{checkpoint} is not a training checkpoint written by vlm fit")
-    export_state(ckpt["vlm"], ckpt["state_dict"], out_dir)
+    export_state({**ckpt["vlm"], "training": checkpoint_record(ckpt, path)}, ckpt["state_dict"], out_dir)

@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,8 +95,13 @@ def rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
-                  "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -176,6 +182,9 @@ class VLMModule(LightningModule):
             raise VLMError("learning rates must be >= 0 (0 freezes a part)")
         self.weight_decay, self.betas, self.warmup, self.min_lr_ratio = weight_decay, tuple(betas), warmup, min_lr_ratio
         self.lora, self.max_new_tokens = lora, max_new_tokens
+        # Where the weights started, for the training record (a full VLMConfig has no name: see config.json).
+        name = None if init_from is not None else config if isinstance(config, str) else "custom"
+        self._origin = {"config": name, "init_from": init_from, "pretrained": pretrained}
         self.vlm, self.processor = self._build(config, init_from, pretrained)
         for part, lr in self.lrs.items():
             if lr == 0:
@@ -194,6 +203,9 @@ class VLMModule(LightningModule):
         self._pending_rng: dict[str, Any] | None = None
         self._correct = 0
         self._answered = 0
+        self._fit_started: float | None = None  # time.perf_counter() when this fit session started
+        self._val_step: int | None = None  # the step of the last validation
+        self._earlier: dict[str, Any] = {}  # the training record of the checkpoint this run resumed from
 
     @staticmethod
     def _build(config: str | VLMConfig | None, init_from: str | None, pretrained: bool):
@@ -220,12 +232,88 @@ class VLMModule(LightningModule):
     # ---- what a checkpoint carries beyond the weights ----
 
     def export_meta(self) -> dict[str, Any]:
-        """What `train.export` needs to rebuild the model from a training checkpoint without the YAML."""
+        """What `train.export` needs to rebuild the model from a training checkpoint without the YAML, and the
+        run's `training_record` so far (exported as training.json beside the weights)."""
         return {
             "config": self.vlm.config.to_dict(),
             "lora": asdict(self.lora) if self.lora is not None else None,
             "processor_files": self._processor_files,
+            "training": self.training_record(),
         }
+
+    def training_record(self) -> dict[str, Any]:
+        """The facts of this run up to now: where the model started, the data and its row counts, learning rates,
+        steps, batch size, hardware, wall time, the last losses, software versions (see `eval.model_card`)."""
+        import datetime
+
+        import lightning
+        import transformers
+
+        record: dict[str, Any] = {
+            "format_version": 1,
+            "written_by": "vlm fit",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "model": {**self._origin, "lora": asdict(self.lora) if self.lora is not None else None},
+            "learning_rates": dict(self.lrs),
+            "optimizer": {
+                "name": "AdamW",
+                "weight_decay": self.weight_decay,
+                "betas": list(self.betas),
+                "warmup": self.warmup,
+                "min_lr_ratio": self.min_lr_ratio,
+            },
+        }
+        trainer = self._trainer  # None outside a Trainer (the `trainer` property would raise)
+        if trainer is not None:
+            datamodule = trainer.datamodule
+            per_epoch = trainer.num_training_batches  # per device; inf for streams
+            batch = getattr(datamodule, "batch_size", None)
+            accumulate = trainer.accumulate_grad_batches
+            elapsed = time.perf_counter() - self._fit_started if self._fit_started is not None else 0.0
+            passes = trainer.global_step * accumulate / per_epoch if 0 < per_epoch < math.inf else None
+            record.update(
+                data=datamodule.describe() if hasattr(datamodule, "describe") else "unknown (not a VLMDataModule)",
+                steps=trainer.global_step,
+                epoch=trainer.current_epoch,
+                epochs_seen=round(passes, 3) if passes is not None else None,
+                batch_size=batch,
+                accumulate_grad_batches=accumulate,
+                global_batch_size=batch * accumulate * trainer.world_size if batch else None,
+                precision=str(trainer.precision),
+                accelerator=trainer.strategy.root_device.type,
+                devices=trainer.num_devices,
+                num_nodes=trainer.num_nodes,
+                strategy=type(trainer.strategy).__name__,
+                # A resumed run adds the time up to its checkpoint; work lost after that checkpoint is not counted.
+                wall_time_s=round(self._earlier.get("wall_time_s", 0.0) + elapsed, 1),
+                last_metrics=self._last_metrics(),
+            )
+        # Plain strings (torch's version is a str subclass): checkpoints are read with weights_only=True.
+        record["versions"] = {
+            "lightning": str(lightning.__version__),
+            "torch": str(torch.__version__),
+            "transformers": str(transformers.__version__),
+        }
+        return record
+
+    def _last_metrics(self) -> dict[str, Any]:
+        """The last training loss and broken-row count (of the last epoch), and the last validation's loss and
+        accuracy (from before a resume if this session has not validated yet)."""
+        metrics = self.trainer.callback_metrics
+        last: dict[str, Any] = {}
+        if "train/loss" in metrics:
+            last["train_loss"] = float(metrics["train/loss"])
+        if "data/train_bad_rows" in metrics:  # the last epoch's, found up front or in the loaders
+            last["train_bad_rows"] = int(metrics["data/train_bad_rows"])
+        if self._val_step is not None and "val/loss" in metrics:
+            last["val_step"] = self._val_step
+            last["val_loss"] = float(metrics["val/loss"])
+            if "val/accuracy" in metrics:
+                last["val_accuracy"] = float(metrics["val/accuracy"])
+        else:
+            earlier = self._earlier.get("last_metrics") or {}
+            last.update({k: v for k, v in earlier.items() if k.startswith("val_")})
+        return last
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["vlm"] = self.export_meta()
@@ -234,6 +322,10 @@ class VLMModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Applied at the first training batch: set now, the restore steps that follow would move the RNGs.
         self._pending_rng = checkpoint.get("rng")
+        self._earlier = checkpoint.get("vlm", {}).get("training") or {}
+
+    def on_fit_start(self) -> None:
+        self._fit_started = time.perf_counter()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._pending_rng is not None:
@@ -303,6 +395,8 @@ class VLMModule(LightningModule):
         counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
         if counts[1] > 0:
             self.log("val/accuracy", counts[0] / counts[1], prog_bar=True)
+        if not self.trainer.sanity_checking:
+            self._val_step = self.trainer.global_step
 
     # ---- always-on callbacks ----
 

@@ -25,7 +25,7 @@ class EncoderConfig:
     0 is the patch embedding, -1 the last block's output (before the final norm), -2 the penultimate.
     """
 
-    name: str = "vit_tiny_patch16_224"
+    name: str = "vit_base_patch16_siglip_224"
     overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"img_size": 64, "depth": 2}
     feature_layer: int = -1
     keep_prefix_tokens: bool = False  # keep the class/register tokens as image tokens
@@ -131,10 +131,11 @@ SMOLLM2_135M = _llama(576, 30, 9, 3, 1536, 8192, rope_theta=100000.0, rms_norm_e
 SMOLLM2_135M_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # For tests and smoke runs: builds in well under a second.
+    # For tests and smoke runs: builds in well under a second. Encoders are SigLIP-shaped (no class token, no
+    # pre-norm) so that every preset exports to transformers' LLaVA.
     "tiny": {
         "encoder": {
-            "name": "vit_tiny_patch16_224",
+            "name": "vit_base_patch16_siglip_224",
             "overrides": {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2},
         },
         "projector": {"kind": "mlp"},
@@ -144,7 +145,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The context fits a 20-question conversation about one image (about 650 tokens).
     "shapes": {
         "encoder": {
-            "name": "vit_tiny_patch16_224",
+            "name": "vit_base_patch16_siglip_224",
             "overrides": {"img_size": 75, "patch_size": 15, "embed_dim": 128, "depth": 4, "num_heads": 4},
         },
         "projector": {"kind": "mlp"},

@@ -8,6 +8,10 @@ A dataset is a JSONL file; image paths are relative to the file's folder. Each l
 LLaVA's spelling of turns (`{"from": "human"|"gpt", "value": ...}`) is accepted; `image` may be absent for
 text-only rows; any other field is kept. For inference, a question row needs no answer and an image row
 needs no caption.
+
+Hugging Face datasets are read through the same `parse_row`: `open_hf_dataset` opens one, `example_from_record`
+renames a record's columns to the fields above and parses it, and `load_row_images` opens the images of a row,
+whether paths or images stored in the dataset. `datasets` is imported only when a dataset is opened.
 """
 
 from __future__ import annotations
@@ -17,11 +21,18 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from vlm.errors import VLMError
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# Data files `datasets` reads (suffix -> builder); the project's own .jsonl goes through `read_jsonl`.
+_DATA_FILES = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".csv": "csv"}
+# Files that mark a folder written by `datasets.save_to_disk`.
+_SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
 class RowError(VLMError):
@@ -156,3 +167,118 @@ def read_jsonl(
             except RowError as e:
                 e.row = row
                 yield e
+
+
+# ---- Hugging Face datasets ----------------------------------------------------------------------------------------
+
+
+def open_hf_dataset(spec: str, split: str, streaming: bool = False, **kwargs: Any) -> tuple[Any, Path]:
+    """Opens a Hugging Face dataset; returns (dataset, the folder relative image paths are read from).
+
+    Args:
+        spec: A folder written by `datasets` `save_to_disk`, a .parquet, .arrow, .json or .csv file, an image folder
+            with a metadata file (`imagefolder`), or a dataset name on the hub.
+        split: The split to read (a single data file is its own "train" split).
+        streaming: Open a `datasets.IterableDataset` instead of loading the data.
+        **kwargs: More keyword arguments for `datasets.load_dataset` (e.g. `name`, `cache_dir`).
+
+    Raises `VLMError` in one line for data that is missing or cannot be loaded.
+    """
+    import datasets  # heavy: only when a dataset is actually opened
+
+    path = Path(spec)
+    try:
+        if path.is_dir() and any((path / f).is_file() for f in _SAVED_DATASET_FILES):
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise VLMError(f"{spec} has no split {split!r}; it has {', '.join(ds)}")
+                ds = ds[split]
+            return (ds.to_iterable_dataset(num_shards=max(1, min(64, len(ds) // 1000))) if streaming else ds), path
+        if path.suffix in _DATA_FILES and path.is_file():
+            builder = _DATA_FILES[path.suffix]
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming, **kwargs)
+            return ds, path.parent
+        if path.is_dir():
+            ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split, streaming=streaming, **kwargs)
+            return ds, path
+        if path.suffix in _DATA_FILES or spec.startswith((".", "/")):
+            raise VLMError(f"data not found: {spec}")
+        ds = datasets.load_dataset(spec, split=split, streaming=streaming, **kwargs)
+        return ds, Path.cwd()
+    except VLMError:
+        raise
+    except Exception as e:  # datasets raises many types (hub, format, split errors); report them as one line
+        raise VLMError(f"cannot load dataset {spec!r} (split {split!r}): {str(e).splitlines()[0]}") from e
+
+
+def example_from_record(
+    record: dict[str, Any], columns: dict[str, str], base: Path, caption_prompt: str, where: str
+) -> tuple[Example, list[Any]]:
+    """A dataset record -> (`Example`, its images): columns renamed to the JSONL fields, then `parse_row`.
+
+    Args:
+        record: One row of a dataset, as `datasets` yields it.
+        columns: JSONL field (image, caption, question, answer, conversations) -> the dataset's column; fields not
+            mapped are read from columns of their own name.
+        base: The folder relative image paths are read from.
+        caption_prompt: The instruction of caption rows.
+        where: The row's place in the data, prefixed to error messages.
+
+    The images are returned as found: paths (resolved against `base`), PIL images or `{"bytes", "path"}` dicts, for
+    `load_row_images`. Raises `RowError` (prefixed with `where`) for a broken row.
+    """
+    row = dict(record)
+    for name, column in columns.items():
+        if column not in record:
+            raise RowError(f"{where}: no column {column!r} (mapped to {name!r}); columns: {', '.join(record)}")
+        row.pop(column)
+        row[name] = record[column]
+    value = row.get("image")
+    items = [] if value is None else value if isinstance(value, list) else [value]
+    in_memory = [None if isinstance(item, str) else item for item in items]
+    if items:
+        # parse_row validates paths; in-memory images get a stand-in name and are put back after.
+        row["image"] = [item if isinstance(item, str) else f"<image {k}>" for k, item in enumerate(items)]
+    else:
+        row.pop("image", None)
+    try:
+        example = parse_row(row, base, caption_prompt)
+    except RowError as e:
+        raise RowError(f"{where}: {e}") from None
+    return example, [path if obj is None else obj for path, obj in zip(example.images, in_memory)]
+
+
+def load_row_images(images: list[Any]) -> list[Image.Image]:
+    """The images of a row as RGB PIL images.
+
+    Args:
+        images: Paths (opened safely by `vlm.images.load_image`), PIL images, or datasets' `{"bytes", "path"}`
+            dicts, as `example_from_record` returns them.
+
+    Raises `VLMError` for a missing, corrupt or unsupported image.
+    """
+    import io
+
+    from PIL import Image
+
+    from vlm.images import load_image, to_rgb
+
+    out = []
+    for item in images:
+        if isinstance(item, Path):
+            out.append(load_image(item))
+        elif isinstance(item, Image.Image):
+            out.append(to_rgb(item))
+        elif isinstance(item, dict) and item.get("bytes"):
+            try:
+                img = Image.open(io.BytesIO(item["bytes"]))
+                img.load()
+            except (OSError, ValueError, SyntaxError) as e:
+                raise VLMError(f"corrupt image bytes ({e})") from None
+            out.append(to_rgb(img))
+        elif isinstance(item, dict) and item.get("path"):
+            out.append(load_image(item["path"]))
+        else:
+            raise VLMError(f"unsupported image value of type {type(item).__name__}")
+    return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -102,9 +103,10 @@ def export_hf(model_dir: str, out_dir: str) -> None:
     vision_config, vision_state, has_cls = _vision_to_hf(model.encoder.model, model.config.encoder.name)
     keep_cls = model.encoder.keep_prefix_tokens
     decoder = model.decoder
+    decoder_state, tied = _decoder_to_legacy(decoder)
     text_config = decoder.config.to_dict()
     text_config.pop("transformers_version", None)
-    tied = bool(getattr(decoder.config, "tie_word_embeddings", False))
+    text_config["tie_word_embeddings"] = tied
     config = LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
@@ -121,7 +123,7 @@ def export_hf(model_dir: str, out_dir: str) -> None:
     config.architectures = ["LlavaForConditionalGeneration"]  # serving stacks (vLLM) pick the class by this
     state = {f"vision_tower.vision_model.{k}": v for k, v in vision_state.items()}
     state.update({f"multi_modal_projector.{k}": v for k, v in model.projector.state_dict().items()})
-    state.update(_decoder_to_legacy(decoder, tied))
+    state.update(decoder_state)
 
     tok = processor.tokenizer
     h, w = processor.transform.size
@@ -162,8 +164,13 @@ def export_hf(model_dir: str, out_dir: str) -> None:
             eos_token_id=processor.stop_token_ids,
             pad_token_id=tok.pad_token_id,
         ).save_pretrained(tmp)
-        _check_loads(tmp)
+        diff = _check_export(tmp, model, processor)
         _publish(tmp, out)
+        print(
+            f"export-hf: {out} loads in transformers with no missing, unexpected or mismatched keys; "
+            f"max |logit difference| from vlm on a test input: {diff:.2e} (fp32)",
+            file=sys.stderr,
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -276,23 +283,34 @@ def _hf_activation(act: nn.Module) -> str | None:
     return None
 
 
-def _decoder_to_legacy(decoder: nn.Module, tied: bool) -> dict[str, Tensor]:
-    """The decoder's weights under `language_model.model.*` (its base model) and `language_model.lm_head.*`."""
+def _decoder_to_legacy(decoder: nn.Module) -> tuple[dict[str, Tensor], bool]:
+    """The decoder's weights under `language_model.model.*` (its base model) and `language_model.lm_head.*`, and
+    whether transformers' LLaVA can keep the head tied to the embedding table.
+
+    transformers 5 ties LLaVA's head to `embed_tokens` by name: a tied decoder whose table has another name
+    (GPT-2's `wte`) is written untied, with the head's (equal) weights spelled out.
+    """
     prefix = decoder.base_model_prefix + "."
     head = decoder.get_output_embeddings()
     head_names = {f"{n}." for n, m in decoder.named_children() if m is head}
     if head_names != {"lm_head."}:
         raise VLMError(f"export-hf needs a decoder whose output layer is named lm_head, got {sorted(head_names)}")
+    if head.bias is not None:
+        raise VLMError("export-hf cannot export a decoder whose lm_head has a bias: LLaVA's has none")
+    embedding = decoder.get_input_embeddings().weight
+    params = decoder.state_dict(keep_vars=True)
+    tied = head.weight is embedding
+    keep_tied = tied and params.get(prefix + "embed_tokens.weight") is embedding
     state = {}
     for k, v in decoder.state_dict().items():
         if k.startswith(prefix):
             state["language_model.model." + k[len(prefix) :]] = v
         elif k.startswith("lm_head."):
-            if not tied:  # a tied head is the embedding table: transformers re-ties it on load
-                state["language_model." + k] = v
+            if not keep_tied:  # a tied head is the embedding table: transformers re-ties it on load
+                state["language_model." + k] = v.clone() if tied else v  # safetensors stores no shared tensors
         else:
             raise VLMError(f"export-hf cannot place decoder weight {k!r} in the LLaVA layout")
-    return state
+    return state, keep_tied
 
 
 def _readable_by_4x(folder: Path, image_processor: Any) -> None:
@@ -319,16 +337,38 @@ def _readable_by_4x(folder: Path, image_processor: Any) -> None:
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _check_loads(folder: Path) -> None:
-    """Loads the written folder with transformers and refuses it if any weight is missing or left over."""
-    from transformers import LlavaForConditionalGeneration
+# Export refuses a folder whose logits differ more than this from vlm's (fp32; they agree to ~1e-5 in practice).
+EXPORT_TOLERANCE = 1e-3
 
-    _, info = LlavaForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
-    problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v} | (
-        {"error_msgs": info["error_msgs"]} if info.get("error_msgs") else {}
-    )
+
+def _check_export(folder: Path, model, processor) -> float:
+    """Loads the written folder with transformers; refuses it if any weight is missing, left over or misshapen,
+    or if its logits on a test image and prompt differ from vlm's by more than EXPORT_TOLERANCE. Returns the
+    largest logit difference."""
+    from PIL import Image
+    from transformers import LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a check, not a load the user asked for
+    try:
+        hf, info = LlavaForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+    problems = {k: sorted(map(str, v)) for k, v in info.items() if v}
     if problems:
         raise VLMError(f"the exported model does not load cleanly in transformers: {problems}")
+    gradient = Image.linear_gradient("L").convert("RGB")  # any image with structure will do
+    batch = processor(["Describe the image."], [[gradient]])
+    model, hf = model.float().eval(), hf.float().eval()
+    with torch.no_grad():
+        ours = model(**batch).logits
+        theirs = hf(**batch).logits[..., : ours.shape[-1]]
+    diff = (ours - theirs).abs().max().item()
+    if not diff <= EXPORT_TOLERANCE:
+        raise VLMError(f"the exported model's logits differ from vlm's by {diff:.2e} (> {EXPORT_TOLERANCE})")
+    return diff
 
 
 # ---- import -------------------------------------------------------------------------------------------------
@@ -422,7 +462,7 @@ def _encoder_config(hf: Any) -> EncoderConfig:
         "embed_dim": v.hidden_size,
         "depth": v.num_hidden_layers,
         "num_heads": v.num_attention_heads,
-        "mlp_ratio": v.intermediate_size / v.hidden_size,
+        "mlp_ratio": _mlp_ratio(v.intermediate_size, v.hidden_size),
         "act_layer": _HF_TO_TIMM_ACT[v.hidden_act],
     }
     return EncoderConfig(
@@ -431,6 +471,12 @@ def _encoder_config(hf: Any) -> EncoderConfig:
         feature_layer=layer,
         keep_prefix_tokens=is_clip and strategy == "full",
     )
+
+
+def _mlp_ratio(hidden: int, width: int) -> float:
+    """The ratio timm turns back into `hidden` (it truncates width * ratio), e.g. 4304 / 1152 for SigLIP-so400m."""
+    ratio = hidden / width
+    return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
 
 
 def _read_weights(folder: Path) -> dict[str, Tensor]:
@@ -563,7 +609,6 @@ def _chat_template(folder: Path, tokenizer: Any, image_token: str) -> str | None
 
     A folder exported by vlm carries vlm's own template behind a known prologue; it is taken back as it was.
     """
-    template = None
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
         template = jinja.read_text()
@@ -576,6 +621,13 @@ def _chat_template(folder: Path, tokenizer: Any, image_token: str) -> str | None
     exported = _prologue(_LIST_TO_TEXT, image_token)
     if template.startswith(exported):
         return template[len(exported) :]
+    # transformers' processor tokenizes the rendered prompt with the tokenizer's special tokens (e.g. LLaVA-1.5's
+    # <s>); vlm tokenizes without them, so the template must write such a BOS itself.
+    bos = tokenizer.bos_token_id
+    with_special, plain = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
+    adds_bos = bos is not None and with_special[:1] == [bos] and plain[:1] != [bos]
+    if adds_bos and "bos_token" not in template:
+        template = "{{ bos_token }}" + template
     return _prologue(_TEXT_TO_LIST, image_token) + template
 
 

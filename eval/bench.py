@@ -1,0 +1,461 @@
+"""`vlm bench`: training and generation speed of a vlm model, against transformers' LLaVA with the same shapes.
+
+Both models run in one process on the same random inputs, one after the other, so ratios compare like with like.
+Every figure is a median over repeats after warm-up; CUDA timings synchronize before and after each repeat.
+
+FLOPs per training sample follow the 6 x parameters x tokens rule (Kaplan et al. 2020, "Scaling Laws for Neural
+Language Models"; forward 2, backward 4), applied per part because each part sees a different number of tokens:
+6 * (encoder params * encoder tokens + projector params * image tokens + decoder params * sequence length).
+Decoder params leave out the input embedding table (a lookup, not a matmul) unless it is tied to the output head;
+attention's sequence-squared term is left out (small at these lengths). MFU divides the achieved FLOP/s by the
+FLOP/s of one large matmul in the same dtype, timed in the same process: a practical peak, not the datasheet's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from vlm import checkpoint
+from vlm.config import TINY_TOKENIZER, VLMConfig
+from vlm.decoder import context_length
+from vlm.errors import VLMError
+from vlm.generation import GenerationOptions
+from vlm.model import IGNORE_INDEX, VisionLanguageModel
+from vlm.processor import Processor, tokenizer_for
+
+FOLDER_IMAGES = 32  # images in the folder the data pipeline and folder captioning read
+
+
+def _timed(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> float:
+    """Median seconds of `fn` over `repeats` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _matmul_peak(device: torch.device, dtype: torch.dtype) -> tuple[int, float]:
+    """FLOP/s of one square matmul large enough to reach the hardware's practical peak."""
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return n, 2 * n**3 / _timed(lambda: a @ b, 10, 3, device)
+
+
+def _build(preset: str) -> tuple[VisionLanguageModel, Processor, str | None]:
+    """A random-weight model of a preset, and a note when its tokenizer had to be stood in for."""
+    config = VLMConfig.from_name(preset)
+    note = None
+    try:
+        tokenizer = tokenizer_for(config)
+    except VLMError:  # a real-size preset names a hub tokenizer, and the hub may be out of reach
+        # The text is random, so only the vocabulary's size matters: the bundled tokenizer padded with placeholder
+        # tokens to the preset's vocabulary (plus the image token) gives the same embedding and head shapes.
+        config.decoder.tokenizer = TINY_TOKENIZER
+        tokenizer = tokenizer_for(config)
+        vocab = config.decoder.hf_config.get("vocab_size", len(tokenizer) - 1) + 1
+        tokenizer.add_tokens([f"<|bench_pad_{i}|>" for i in range(vocab - len(tokenizer))])
+        note = f"the {preset} tokenizer is not available offline: random text over the bundled one padded to {vocab}"
+    model = VisionLanguageModel.from_config(config, tokenizer, pretrained=False)
+    return model, Processor.from_model(model, tokenizer), note
+
+
+def _shapes(model: VisionLanguageModel, text_tokens: int) -> dict[str, Any]:
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    embedding = model.decoder.get_input_embeddings().weight
+    head = model.decoder.get_output_embeddings()
+    decoder = count(model.decoder) - (0 if head is not None and head.weight is embedding else embedding.numel())
+    grid = model.encoder.grid_size
+    encoder_tokens = grid[0] * grid[1] + getattr(model.encoder.model, "num_prefix_tokens", 0)
+    n, seq = model.num_image_tokens, model.num_image_tokens + text_tokens
+    return {
+        "image_size": list(model.encoder.data_config["input_size"][1:]),
+        "encoder_tokens": encoder_tokens,
+        "image_tokens": n,
+        "text_tokens": text_tokens,
+        "seq_len": seq,
+        "encoder_params": count(model.encoder),
+        "projector_params": count(model.projector),
+        "decoder_params": decoder,
+        "flops_per_sample": 6 * (count(model.encoder) * encoder_tokens + count(model.projector) * n + decoder * seq),
+    }
+
+
+def _baseline_source(
+    model: VisionLanguageModel, processor: Processor, folder: Path | None, tmp: Path
+) -> tuple[Path | None, dict[str, Any] | None, Processor, str]:
+    """Exports the model (or, if it cannot be, the nearest LLaVA-shaped one) as a transformers LLaVA folder.
+
+    Returns (folder or None, the exported model's shapes source, its processor, a note for the output)."""
+    from vlm.hf import export_hf
+
+    if folder is None:
+        folder = checkpoint.save_checkpoint(model, tmp / "vlm", processor)
+    try:
+        export_hf(str(folder), str(tmp / "llava"))
+        return tmp / "llava", None, processor, "transformers LlavaForConditionalGeneration, the same weights"
+    except VLMError as e:
+        if model.config.projector.kind != "pixel_shuffle":
+            return None, None, processor, f"no baseline: {e}"
+    # LLaVA has no pixel shuffle: the nearest LLaVA keeps encoder and decoder and projects every patch (MLP).
+    config = copy.deepcopy(model.config)
+    config.projector.kind = "mlp"
+    nearest = VisionLanguageModel.from_config(config, processor.tokenizer, pretrained=False)
+    nearest_processor = Processor.from_model(nearest, processor.tokenizer)
+    export_hf(str(checkpoint.save_checkpoint(nearest, tmp / "nearest", nearest_processor)), str(tmp / "llava"))
+    note = (
+        f"NEAREST SHAPE: transformers LLaVA with the same encoder and decoder but an MLP projector "
+        f"({nearest.num_image_tokens} image tokens vs {model.num_image_tokens}); ratios compare the two designs"
+    )
+    return tmp / "llava", nearest, nearest_processor, note
+
+
+def _inputs(processor: Processor, shapes: dict[str, Any], batch_size: int, gen_batch_sizes: list[int], vocab: int):
+    """A training batch (random text labelled after the image tokens) and generation batches, the same every call."""
+    g = torch.Generator().manual_seed(0)
+    n, t = shapes["image_tokens"], shapes["text_tokens"]
+    h, w = shapes["image_size"]
+    text = torch.randint(0, vocab, (batch_size, t), generator=g)
+    text[text == processor.image_token_id] = processor.tokenizer.eos_token_id
+    ids = torch.cat([torch.full((batch_size, n), processor.image_token_id), text], dim=1)
+    labels = torch.cat([torch.full((batch_size, n), IGNORE_INDEX), text], dim=1)
+    pixels = torch.randn(max([batch_size, *gen_batch_sizes]), 3, h, w, generator=g)
+    train = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels[:batch_size]}
+    train["labels"] = labels
+    prompt = processor.prompt(processor.caption_prompt, 1)
+    gen = {b: {**processor.pad([prompt] * b, "left"), "pixel_values": pixels[:b]} for b in gen_batch_sizes}
+    return train, gen
+
+
+def _measure(net: nn.Module, processor: Processor, train_batch, gen_batches, shapes, args, peak: float) -> dict:
+    """Training step and generation figures for one model (vlm or transformers' LLaVA: same call signatures)."""
+    device, dtype, steps, warmup, new_tokens = args
+    to = lambda b: {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in b.items()}  # noqa: E731
+    batch = to(train_batch)
+    net.train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-6)
+    losses = []
+
+    def step() -> None:
+        loss = net(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    step_s = _timed(step, steps, warmup, device)
+    if device.type == "cuda":
+        memory, memory_kind = torch.cuda.max_memory_allocated(device) / 2**20, "CUDA max allocated"
+    else:  # KiB on Linux, bytes on macOS; the whole process's peak so far, models before this one included
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        memory, memory_kind = rss / (2**20 if sys.platform == "darwin" else 2**10), "process peak RSS"
+    b = train_batch["input_ids"].shape[0]
+    train = {
+        "step_s": step_s,
+        "samples_per_s": b / step_s,
+        "tokens_per_s": b * shapes["seq_len"] / step_s,
+        "flops_per_s": b * shapes["flops_per_sample"] / step_s,
+        "mfu": b * shapes["flops_per_sample"] / step_s / peak,
+        "peak_memory_mb": memory,
+        "memory_kind": memory_kind,
+        "first_loss": losses[0],
+    }
+    net.eval()
+    returns_prompt = not isinstance(net, VisionLanguageModel)  # transformers' generate returns prompt + new tokens
+    stop = set(processor.stop_token_ids) | {processor.tokenizer.pad_token_id}
+    gen_repeats, gen_warmup = min(steps, 5), min(warmup, 1)
+    generate = {}
+    for size, gen_batch in gen_batches.items():
+        inputs = to(gen_batch)
+        prompt_len = inputs["input_ids"].shape[1]
+
+        def run(n: int, inputs=inputs) -> torch.Tensor:
+            # min_new_tokens: an end-of-turn token must not end a timed run early.
+            kw = GenerationOptions(max_new_tokens=n).hf_kwargs(processor)
+            with torch.no_grad():
+                return net.generate(**inputs, **kw, min_new_tokens=n)
+
+        out = run(new_tokens)
+        new = out[:, prompt_len:] if returns_prompt else out
+        real = min(sum(int(t) not in stop for t in row) for row in new.tolist())
+        gen_s = _timed(lambda: run(new_tokens), gen_repeats, gen_warmup, device)
+        generate[str(size)] = {
+            "new_tokens_per_sample": real,
+            "tokens_per_s": size * real / gen_s,
+            "ttft_s": _timed(lambda: run(1), gen_repeats, gen_warmup, device),
+        }
+    return {"train": train, "generate": generate}
+
+
+def _image_folder(tmp: Path) -> Path:
+    """FOLDER_IMAGES PNGs: the sample images under samples/ cycled, or random ones where there are none."""
+    from PIL import Image
+
+    from vlm.images import list_images
+
+    folder = tmp / "images"
+    folder.mkdir()
+    samples_dir = Path(__file__).resolve().parent.parent / "samples" / "images"
+    samples = list_images(samples_dir) if samples_dir.is_dir() else []
+    g = torch.Generator().manual_seed(0)
+    for i in range(FOLDER_IMAGES):
+        if samples:
+            shutil.copy(samples[i % len(samples)], folder / f"{i:03d}.png")
+        else:
+            pixels = torch.randint(0, 256, (224, 224, 3), dtype=torch.uint8, generator=g).numpy()
+            Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def _data_rate(processor: Processor, folder: Path, batch_size: int, steps: int) -> dict[str, Any]:
+    from PIL import Image
+
+    from vlm.images import list_images, load_image
+
+    paths = list_images(folder)
+
+    def run() -> None:
+        for i in range(0, len(paths), batch_size):
+            processor.transform([load_image(p) for p in paths[i : i + batch_size]])
+
+    seconds = _timed(run, min(steps, 5), 1, torch.device("cpu"))
+    with Image.open(paths[0]) as first:
+        size = list(first.size)
+    return {"images_per_s": len(paths) / seconds, "images": len(paths), "source_size": size}
+
+
+def _end_to_end(model_dir: Path, folder: Path, device: str, dtype: str, repeats: int, tmp: Path) -> dict[str, Any]:
+    """`vlm caption` on one image in a fresh process (start, imports and load included), and on a folder."""
+    from vlm.commands import caption
+    from vlm.images import list_images
+
+    script = shutil.which("vlm")
+    cmd = [script] if script else [sys.executable, "-m", "vlm.cli"]
+    image = list_images(folder)[0]
+    cmd += ["caption", str(image), "--model", str(model_dir), "--device", device, "--dtype", dtype]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        times.append(time.perf_counter() - start)
+        if done.returncode != 0:
+            raise VLMError(f"`{' '.join(cmd)}` failed: {done.stderr.strip()[-500:]}", exit_code=1)
+    start = time.perf_counter()
+    caption([str(folder)], model=str(model_dir), output=str(tmp / "captions.jsonl"), device=device, dtype=dtype)
+    folder_s = time.perf_counter() - start
+    return {
+        "model": str(model_dir),
+        "caption_latency_s": statistics.median(times),
+        "folder_images_per_s": len(list_images(folder)) / folder_s,
+        "folder_images": len(list_images(folder)),
+    }
+
+
+def _ratios(vlm: dict, base: dict) -> dict[str, Any]:
+    keys = ("samples_per_s", "tokens_per_s", "mfu", "peak_memory_mb")
+    return {
+        "train": {k: vlm["train"][k] / base["train"][k] for k in keys},
+        "generate": {
+            b: {k: g[k] / base["generate"][b][k] for k in ("tokens_per_s", "ttft_s")}
+            for b, g in vlm["generate"].items()
+        },
+    }
+
+
+def _table(r: dict[str, Any]) -> str:
+    s = r["shapes"]
+    lines = [
+        f"vlm bench: {r['preset'] or r['model']} on {r['device']} ({r['device_name']}, {r['threads']} threads), "
+        f"{r['dtype']}, torch {r['torch']}, transformers {r['transformers']}",
+        f"shapes: image {s['image_size'][0]}x{s['image_size'][1]} -> {s['encoder_tokens']} encoder tokens -> "
+        f"{s['image_tokens']} image tokens + {s['text_tokens']} text = {s['seq_len']} per sample; params encoder "
+        f"{s['encoder_params'] / 1e6:.3g}M projector {s['projector_params'] / 1e6:.3g}M decoder "
+        f"{s['decoder_params'] / 1e6:.3g}M; {s['flops_per_sample'] / 1e9:.4g} GFLOP per training sample",
+        f"matmul {r['matmul']['size']}^2 {r['dtype']}: {r['matmul']['flops_per_s'] / 1e9:.4g} GFLOP/s (MFU's peak)",
+        f"baseline: {r['baseline_note']}",
+        *[f"note: {n}" for n in r["notes"]],
+        "",
+        f"{'median':<44}{'vlm':>11}{'baseline':>11}{'vlm/base':>10}",
+    ]
+    rows = [
+        (f"train samples/s (batch {r['settings']['batch_size']})", ("train", "samples_per_s")),
+        ("train tokens/s", ("train", "tokens_per_s")),
+        ("train MFU", ("train", "mfu")),
+        (f"train memory MB ({r['vlm']['train']['memory_kind']})", ("train", "peak_memory_mb")),
+        ("train first loss (same batch: equal if same model)", ("train", "first_loss")),
+    ]
+    for b in r["vlm"]["generate"]:
+        rows += [(f"generate batch {b}: new tokens/s", ("generate", b, "tokens_per_s"))]
+        rows += [(f"generate batch {b}: time to first token s", ("generate", b, "ttft_s"))]
+
+    def get(d: dict | None, path: tuple[str, ...]) -> str:
+        for key in path:
+            d = d.get(key) if isinstance(d, dict) else None
+        return "-" if d is None else f"{d:.4g}"
+
+    for name, path in rows:
+        lines.append(f"{name:<44}{get(r['vlm'], path):>11}{get(r['baseline'], path):>11}{get(r['ratios'], path):>10}")
+    extra = [(f"data: load + transform images/s ({r['data']['source_size'][0]}px)", r["data"]["images_per_s"])]
+    if r["end_to_end"]:
+        e = r["end_to_end"]
+        extra += [("vlm caption IMG: s (start, import, load)", e["caption_latency_s"])]
+        extra += [(f"vlm caption FOLDER: images/s ({e['folder_images']}, load incl.)", e["folder_images_per_s"])]
+    lines += [f"{name:<44}{value:>11.4g}" for name, value in extra]
+    return "\n".join(lines)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def bench(
+    preset: str = "tiny",
+    model: str | None = None,
+    batch_size: int = 8,
+    gen_batch_sizes: list[int] = [1, 8],  # noqa: B006 (read only; jsonargparse shows it in --help)
+    text_tokens: int = 128,
+    new_tokens: int = 32,
+    steps: int = 10,
+    warmup: int = 3,
+    device: Literal["auto", "cpu", "cuda"] = "auto",
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto",
+    baseline: bool = True,
+    output: str | None = None,
+) -> int:
+    """Measure training and generation speed against a transformers LLaVA baseline with the same shapes.
+
+    Prints a table of medians and vlm/baseline ratios on stderr and a JSON record on stdout (or to --output).
+    Training: full AdamW steps on random images and text; MFU is relative to a matmul timed in this process.
+    Generation: greedy, exactly new_tokens tokens; first-token time is a generate of one token. Also times the
+    data pipeline and, for --model or the default checkpoint, `vlm caption` end to end.
+
+    Args:
+        preset: A named preset built with random weights: tiny, shapes, nanovlm-222m, llava-222m.
+        model: A vlm checkpoint folder to measure instead of a preset.
+        batch_size: Training batch size.
+        gen_batch_sizes: Generation batch sizes, e.g. [1,32].
+        text_tokens: Text tokens per training sample (after the image tokens).
+        new_tokens: New tokens per generated sample.
+        steps: Timed training steps (generation and data: at most 5 repeats; `vlm caption` runs: at most 3).
+        warmup: Untimed training steps first (generation: at most 1).
+        device: Where to run: auto (CUDA when available), cpu or cuda.
+        dtype: Weights' precision: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16.
+        baseline: Also measure transformers' LlavaForConditionalGeneration.
+        output: Write the JSON record to this file instead of stdout.
+    """
+    import timm
+    import transformers
+
+    if min(batch_size, text_tokens, new_tokens, steps, *gen_batch_sizes) < 1 or warmup < 0 or not gen_batch_sizes:
+        raise VLMError("batch sizes, text_tokens, new_tokens and steps must be at least 1, warmup at least 0")
+    dev = checkpoint.resolve_device(device)
+    dt = checkpoint.resolve_dtype(dtype, dev)
+    notes: list[str] = []
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory(prefix="vlm-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        if model is not None:
+            net, processor = checkpoint.load(model)
+        else:
+            net, processor, note = _build(preset)
+            notes += [note] if note else []
+        shapes = _shapes(net, text_tokens)
+        context = context_length(net.decoder)
+        if context is not None and shapes["seq_len"] > context:
+            raise VLMError(f"{shapes['seq_len']} tokens per training sample exceed the decoder's context of {context}")
+        vocab = net.decoder.get_input_embeddings().num_embeddings
+        source = hf_dir = None
+        note = "skipped (--no_baseline)"
+        if baseline:
+            hf_dir, source, base_processor, note = _baseline_source(net, processor, Path(model) if model else None, tmp)
+        n, peak = _matmul_peak(dev, dt)
+        args = (dev, dt, steps, warmup, new_tokens)
+        train_batch, gen_batches = _inputs(processor, shapes, batch_size, gen_batch_sizes, vocab)
+        results = {"vlm": _measure(net.to(dev, dt), processor, train_batch, gen_batches, shapes, args, peak)}
+        del net  # one model on the device at a time
+        base_shapes = None
+        if hf_dir is not None:
+            from transformers import LlavaForConditionalGeneration
+
+            base_shapes = _shapes(source, text_tokens) if source is not None else shapes
+            if source is not None:
+                train_batch, gen_batches = _inputs(base_processor, base_shapes, batch_size, gen_batch_sizes, vocab)
+            llava = LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=dt).to(dev)
+            results["baseline"] = _measure(llava, base_processor, train_batch, gen_batches, base_shapes, args, peak)
+            del llava
+        folder = _image_folder(tmp)
+        data = _data_rate(processor, folder, batch_size, steps)
+        e2e_dir = Path(model) if model else checkpoint.DEFAULT_MODEL_DIR
+        e2e = None
+        if (e2e_dir / checkpoint.CONFIG_FILE).is_file():
+            e2e = _end_to_end(e2e_dir, folder, dev.type, dtype, min(steps, 3), tmp)
+    record = {
+        "preset": None if model else preset,
+        "model": model,
+        "device": dev.type,
+        "device_name": _device_name(dev),
+        "threads": torch.get_num_threads(),
+        "dtype": str(dt).removeprefix("torch."),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "settings": dict(
+            batch_size=batch_size,
+            gen_batch_sizes=gen_batch_sizes,
+            text_tokens=text_tokens,
+            new_tokens=new_tokens,
+            steps=steps,
+            warmup=warmup,
+        ),  # fmt: skip
+        "shapes": shapes,
+        "matmul": {"size": n, "flops_per_s": peak},
+        "vlm": results["vlm"],
+        "baseline": results.get("baseline"),
+        "baseline_note": note,
+        "baseline_shapes": base_shapes,
+        "ratios": _ratios(results["vlm"], results["baseline"]) if "baseline" in results else None,
+        "data": data,
+        "end_to_end": e2e,
+        "notes": notes,
+    }
+    print(_table(record), file=sys.stderr)
+    text = json.dumps(record, indent=2)
+    if output:
+        Path(output).write_text(text + "\n")
+        print(f"wrote {output}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
