@@ -32,11 +32,11 @@ from torch import nn
 
 from vlm import checkpoint
 from vlm.config import TINY_TOKENIZER, VLMConfig
-from vlm.decoder import context_length
+from vlm.decoder import context_length, resolve_source
 from vlm.errors import VLMError
 from vlm.generation import GenerationOptions
 from vlm.model import IGNORE_INDEX, VisionLanguageModel
-from vlm.processor import Processor, tokenizer_for
+from vlm.processor import Processor, add_image_token, tokenizer_for
 
 FOLDER_IMAGES = 32  # images in the folder the data pipeline and folder captioning read
 
@@ -66,18 +66,22 @@ def _matmul_peak(device: torch.device, dtype: torch.dtype) -> tuple[int, float]:
 
 def _build(preset: str) -> tuple[VisionLanguageModel, Processor, str | None]:
     """A random-weight model of a preset, and a note when its tokenizer had to be stood in for."""
+    from transformers import AutoTokenizer
+
     config = VLMConfig.from_name(preset)
+    source = config.decoder.tokenizer or config.decoder.name_or_path
     note = None
-    try:
-        tokenizer = tokenizer_for(config)
-    except VLMError:  # a real-size preset names a hub tokenizer, and the hub may be out of reach
+    try:  # random weights need no download: a hub tokenizer is read from the local cache or not at all
+        tokenizer = AutoTokenizer.from_pretrained(resolve_source(source), local_files_only=True)
+        add_image_token(tokenizer, config.image_token)
+    except OSError:
         # The text is random, so only the vocabulary's size matters: the bundled tokenizer padded with placeholder
         # tokens to the preset's vocabulary (plus the image token) gives the same embedding and head shapes.
         config.decoder.tokenizer = TINY_TOKENIZER
         tokenizer = tokenizer_for(config)
         vocab = config.decoder.hf_config.get("vocab_size", len(tokenizer) - 1) + 1
         tokenizer.add_tokens([f"<|bench_pad_{i}|>" for i in range(vocab - len(tokenizer))])
-        note = f"the {preset} tokenizer is not available offline: random text over the bundled one padded to {vocab}"
+        note = f"no local copy of the {source} tokenizer: random text over the bundled one padded to {vocab} tokens"
     model = VisionLanguageModel.from_config(config, tokenizer, pretrained=False)
     return model, Processor.from_model(model, tokenizer), note
 

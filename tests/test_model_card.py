@@ -49,7 +49,7 @@ def test_card_describes_the_real_config_and_parameter_counts(built) -> None:
     for part, n in expected.items():
         assert f"| {part} | " in card and f"| {n:,} ({100 * n / total:.1f}%) |" in card
     assert f"**{total:,}**" in card
-    assert "`vit_tiny_patch16_224` (img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)" in card
+    assert "`vit_base_patch16_siglip_224` (img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)" in card
     assert "`pixel_shuffle`, factor 2" in card
     assert "transformers `llama`: 3 layers, hidden size 64" in card
     assert f"{model.num_image_tokens} image tokens each" in card and model.num_image_tokens == 4

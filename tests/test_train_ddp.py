@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -44,3 +45,6 @@ def test_ddp_with_two_cpu_processes(tmp_path):
     assert ckpt["global_step"] == 6
     assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == 6  # the loader's resume state
     load(tmp_path / "model")
+    record = json.loads((tmp_path / "model" / "training.json").read_text())
+    assert record["steps"] == 6 and record["devices"] == 2 and record["strategy"] == "DDPStrategy"
+    assert record["batch_size"] == 8 and record["global_batch_size"] == 16
