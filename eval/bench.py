@@ -109,10 +109,10 @@ def _shapes(model: VisionLanguageModel, text_tokens: int) -> dict[str, Any]:
 
 def _baseline_source(
     model: VisionLanguageModel, processor: Processor, folder: Path | None, tmp: Path
-) -> tuple[Path | None, dict[str, Any] | None, Processor, str]:
+) -> tuple[Path | None, VisionLanguageModel | None, Processor, str]:
     """Exports the model (or, if it cannot be, the nearest LLaVA-shaped one) as a transformers LLaVA folder.
 
-    Returns (folder or None, the exported model's shapes source, its processor, a note for the output)."""
+    Returns (LLaVA folder or None, the nearest model if one was built, its processor, a note for the output)."""
     from vlm.hf import export_hf
 
     if folder is None:
@@ -146,8 +146,12 @@ def _inputs(processor: Processor, shapes: dict[str, Any], batch_size: int, gen_b
     ids = torch.cat([torch.full((batch_size, n), processor.image_token_id), text], dim=1)
     labels = torch.cat([torch.full((batch_size, n), IGNORE_INDEX), text], dim=1)
     pixels = torch.randn(max([batch_size, *gen_batch_sizes]), 3, h, w, generator=g)
-    train = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels[:batch_size]}
-    train["labels"] = labels
+    train = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": pixels[:batch_size],
+        "labels": labels,
+    }
     prompt = processor.prompt(processor.caption_prompt, 1)
     gen = {b: {**processor.pad([prompt] * b, "left"), "pixel_values": pixels[:b]} for b in gen_batch_sizes}
     return train, gen
@@ -192,7 +196,7 @@ def _measure(net: nn.Module, processor: Processor, train_batch, gen_batches, sha
     net.eval()
     returns_prompt = not isinstance(net, VisionLanguageModel)  # transformers' generate returns prompt + new tokens
     stop = set(processor.stop_token_ids) | {processor.tokenizer.pad_token_id}
-    gen_repeats, gen_warmup = min(steps, 5), min(warmup, 1)
+    gen_repeats = min(steps, 5)
     generate = {}
     for size, gen_batch in gen_batches.items():
         inputs = to(gen_batch)
@@ -204,14 +208,14 @@ def _measure(net: nn.Module, processor: Processor, train_batch, gen_batches, sha
             with torch.no_grad():
                 return net.generate(**inputs, **kw, min_new_tokens=n)
 
-        out = run(new_tokens)
+        out = run(new_tokens)  # also the warm-up
         new = out[:, prompt_len:] if returns_prompt else out
         real = min(sum(int(t) not in stop for t in row) for row in new.tolist())
-        gen_s = _timed(lambda: run(new_tokens), gen_repeats, gen_warmup, device)
+        gen_s = _timed(lambda: run(new_tokens), gen_repeats, 0, device)
         generate[str(size)] = {
             "new_tokens_per_sample": real,
             "tokens_per_s": size * real / gen_s,
-            "ttft_s": _timed(lambda: run(1), gen_repeats, gen_warmup, device),
+            "ttft_s": _timed(lambda: run(1), gen_repeats, 0, device),
         }
     return {"train": train, "generate": generate}
 
@@ -291,6 +295,10 @@ def _ratios(vlm: dict, base: dict) -> dict[str, Any]:
     }
 
 
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}" if abs(x) >= 1000 else f"{x:.4g}"
+
+
 def _table(r: dict[str, Any]) -> str:
     s = r["shapes"]
     lines = [
@@ -311,7 +319,7 @@ def _table(r: dict[str, Any]) -> str:
         ("train tokens/s", ("train", "tokens_per_s")),
         ("train MFU", ("train", "mfu")),
         (f"train memory MB ({r['vlm']['train']['memory_kind']})", ("train", "peak_memory_mb")),
-        ("train first loss (same batch: equal if same model)", ("train", "first_loss")),
+        ("train first loss (equal if exported)", ("train", "first_loss")),
     ]
     for b in r["vlm"]["generate"]:
         rows += [(f"generate batch {b}: new tokens/s", ("generate", b, "tokens_per_s"))]
@@ -320,7 +328,7 @@ def _table(r: dict[str, Any]) -> str:
     def get(d: dict | None, path: tuple[str, ...]) -> str:
         for key in path:
             d = d.get(key) if isinstance(d, dict) else None
-        return "-" if d is None else f"{d:.4g}"
+        return _fmt(d)
 
     for name, path in rows:
         lines.append(f"{name:<44}{get(r['vlm'], path):>11}{get(r['baseline'], path):>11}{get(r['ratios'], path):>10}")
@@ -329,19 +337,16 @@ def _table(r: dict[str, Any]) -> str:
         e = r["end_to_end"]
         extra += [("vlm caption IMG: s (start, import, load)", e["caption_latency_s"])]
         extra += [(f"vlm caption FOLDER: images/s ({e['folder_images']}, load incl.)", e["folder_images_per_s"])]
-    lines += [f"{name:<44}{value:>11.4g}" for name, value in extra]
+    lines += [f"{name:<44}{_fmt(value):>11}" for name, value in extra]
     return "\n".join(lines)
 
 
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def bench(
@@ -373,7 +378,7 @@ def bench(
         text_tokens: Text tokens per training sample (after the image tokens).
         new_tokens: New tokens per generated sample.
         steps: Timed training steps (generation and data: at most 5 repeats; `vlm caption` runs: at most 3).
-        warmup: Untimed training steps first (generation: at most 1).
+        warmup: Untimed training steps first (generation: one untimed call per batch size).
         device: Where to run: auto (CUDA when available), cpu or cuda.
         dtype: Weights' precision: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16.
         baseline: Also measure transformers' LlavaForConditionalGeneration.
@@ -382,6 +387,7 @@ def bench(
     import timm
     import transformers
 
+    settings = {k: v for k, v in locals().items() if k not in ("timm", "transformers")}  # the call, for the record
     if min(batch_size, text_tokens, new_tokens, steps, *gen_batch_sizes) < 1 or warmup < 0 or not gen_batch_sizes:
         raise VLMError("batch sizes, text_tokens, new_tokens and steps must be at least 1, warmup at least 0")
     dev = checkpoint.resolve_device(device)
@@ -396,17 +402,18 @@ def bench(
             net, processor, note = _build(preset)
             notes += [note] if note else []
         shapes = _shapes(net, text_tokens)
-        context = context_length(net.decoder)
-        if context is not None and shapes["seq_len"] > context:
-            raise VLMError(f"{shapes['seq_len']} tokens per training sample exceed the decoder's context of {context}")
         vocab = net.decoder.get_input_embeddings().num_embeddings
+        train_batch, gen_batches = _inputs(processor, shapes, batch_size, gen_batch_sizes, vocab)
+        needed = max(shapes["seq_len"], gen_batches[gen_batch_sizes[0]]["input_ids"].shape[1] + new_tokens)
+        context = context_length(net.decoder)
+        if context is not None and needed > context:
+            raise VLMError(f"text_tokens / new_tokens need {needed} positions, over the decoder's context of {context}")
         source = hf_dir = None
         note = "skipped (--no_baseline)"
         if baseline:
             hf_dir, source, base_processor, note = _baseline_source(net, processor, Path(model) if model else None, tmp)
         n, peak = _matmul_peak(dev, dt)
         args = (dev, dt, steps, warmup, new_tokens)
-        train_batch, gen_batches = _inputs(processor, shapes, batch_size, gen_batch_sizes, vocab)
         results = {"vlm": _measure(net.to(dev, dt), processor, train_batch, gen_batches, shapes, args, peak)}
         del net  # one model on the device at a time
         base_shapes = None
@@ -436,14 +443,7 @@ def bench(
         "transformers": transformers.__version__,
         "timm": timm.__version__,
         "python": platform.python_version(),
-        "settings": dict(
-            batch_size=batch_size,
-            gen_batch_sizes=gen_batch_sizes,
-            text_tokens=text_tokens,
-            new_tokens=new_tokens,
-            steps=steps,
-            warmup=warmup,
-        ),  # fmt: skip
+        "settings": settings,
         "shapes": shapes,
         "matmul": {"size": n, "flops_per_s": peak},
         "vlm": results["vlm"],

@@ -1,0 +1,88 @@
+"""`vlm bench` (eval/bench.py) on the tiny preset: the record's contents, never its timings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from eval import bench as bench_module
+from eval.bench import bench
+from vlm.cli import main
+
+
+def _numbers(tree, path: str = ""):
+    """(path, value) for every number in a JSON tree."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from _numbers(v, f"{path}[{i}]")
+    elif isinstance(tree, int | float) and not isinstance(tree, bool):
+        yield path, tree
+
+
+def test_bench_tiny_record(tmp_path, monkeypatch, capsys):
+    # No end-to-end runs here (they start processes): pretend the default checkpoint is not there.
+    monkeypatch.setattr(bench_module.checkpoint, "DEFAULT_MODEL_DIR", tmp_path / "no-default-model")
+    out = tmp_path / "bench.json"
+    args = dict(steps=2, warmup=1, gen_batch_sizes=[1, 2], new_tokens=4, text_tokens=16, batch_size=2)
+    assert bench(preset="tiny", output=str(out), **args) == 0
+    r = json.loads(out.read_text())
+
+    assert r["preset"] == "tiny" and r["device"] == "cpu" and r["dtype"] == "float32"
+    assert r["torch"] and r["transformers"] and r["device_name"]
+    s = r["shapes"]
+    assert s["text_tokens"] == 16 and s["seq_len"] == s["image_tokens"] + 16
+    for part in ("vlm", "baseline"):
+        assert set(r[part]["train"]) >= {"samples_per_s", "tokens_per_s", "mfu", "peak_memory_mb", "first_loss"}
+        assert set(r[part]["generate"]) == {"1", "2"}
+        for g in r[part]["generate"].values():
+            assert g["new_tokens_per_sample"] == 4  # min_new_tokens: no early end of turn
+            assert g["tokens_per_s"] > 0 and g["ttft_s"] > 0
+        # throughput follows from the step time: samples/s * tokens per sample = tokens/s
+        t = r[part]["train"]
+        assert t["tokens_per_s"] == pytest.approx(t["samples_per_s"] * s["seq_len"])
+    # The baseline is the exported model itself: the same weights give the same loss on the same batch.
+    assert r["baseline"]["train"]["first_loss"] == pytest.approx(r["vlm"]["train"]["first_loss"], rel=1e-4)
+    assert r["baseline_shapes"] == s
+    assert set(r["ratios"]["train"]) == {"samples_per_s", "tokens_per_s", "mfu", "peak_memory_mb"}
+    assert set(r["ratios"]["generate"]) == {"1", "2"}
+    ratio = r["ratios"]["train"]["samples_per_s"]
+    assert ratio == pytest.approx(r["vlm"]["train"]["samples_per_s"] / r["baseline"]["train"]["samples_per_s"])
+    assert r["data"]["images_per_s"] > 0 and r["end_to_end"] is None
+    numbers = dict(_numbers({k: v for k, v in r.items() if k != "settings"}))
+    assert numbers and all(v > 0 for v in numbers.values()), {k: v for k, v in numbers.items() if v <= 0}
+
+    table = capsys.readouterr().err
+    assert "vlm/base" in table and "generate batch 2: new tokens/s" in table and "train MFU" in table
+
+
+def test_bench_checkpoint_end_to_end(tiny_checkpoint: Path, tmp_path, capsys):
+    """A checkpoint folder is measured as given, and `vlm caption` is timed on it end to end."""
+    assert bench(model=str(tiny_checkpoint), steps=1, warmup=0, gen_batch_sizes=[1], new_tokens=2, text_tokens=4,
+                 batch_size=1, baseline=False) == 0  # fmt: skip
+    r = json.loads(capsys.readouterr().out)  # the record goes to stdout without --output
+    assert r["model"] == str(tiny_checkpoint) and r["preset"] is None
+    assert r["baseline"] is None and r["ratios"] is None and "skipped" in r["baseline_note"]
+    e = r["end_to_end"]
+    assert e["model"] == str(tiny_checkpoint) and e["folder_images"] > 1
+    assert e["caption_latency_s"] > 0 and e["folder_images_per_s"] > 0
+
+
+def test_bench_bad_input(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--steps", "0"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "steps must be at least 1" in err and "Traceback" not in err
+
+
+def test_bench_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: vlm bench" in out and "--gen_batch_sizes" in out and "--no_baseline" in out
