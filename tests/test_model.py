@@ -155,3 +155,39 @@ def test_config_records_the_full_decoder_config():
     assert hf["pad_token_id"] == processor.tokenizer.pad_token_id
     assert "vocab_size" not in config.decoder.hf_config  # the caller's config is left alone
     assert model.image_token_id == processor.image_token_id == processor.tokenizer.convert_tokens_to_ids("<image>")
+
+
+def test_a_few_steps_teach_the_model_to_read_the_image():
+    """The answer depends on the image alone (solid red or blue), so only a model that reads it can learn it."""
+    import random
+
+    from PIL import Image
+
+    from vlm.checkpoint import build
+    from vlm.config import VLMConfig
+    from vlm.generation import generate_texts
+
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    model, processor = build(VLMConfig.from_name("tiny"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    colors = {"red": (255, 0, 0), "blue": (0, 0, 255)}
+    question = "What colour is it?"
+    losses = []
+    for _ in range(60):
+        names = [rng.choice(list(colors)) for _ in range(16)]
+        encoded = [
+            processor.encode([{"role": "user", "content": question}, {"role": "assistant", "content": c}], 1)
+            for c in names
+        ]
+        batch = processor.pad([e[0] for e in encoded], "right", [e[1] for e in encoded])
+        batch["pixel_values"] = processor.transform([Image.new("RGB", (32, 32), colors[c]) for c in names])
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 / 4
+    model.eval()
+    images = [[Image.new("RGB", (32, 32), colors[c])] for c in ("red", "blue")]
+    assert generate_texts(model, processor, [question] * 2, images) == ["red", "blue"]
