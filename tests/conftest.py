@@ -129,6 +129,21 @@ def varied_checkpoint(tiny_checkpoint: Path, tmp_path_factory) -> Path:
     return out
 
 
+def labelled_spans(labels: list[int]) -> list[list[int]]:
+    """Runs of consecutive labelled positions (the answer spans of a label row)."""
+    from vlm.processor import IGNORE_INDEX  # not at the top: torch must load after OMP_NUM_THREADS is set
+
+    spans, current = [], []
+    for label in labels:
+        if label == IGNORE_INDEX:
+            if current:
+                spans.append(current)
+            current = []
+        else:
+            current.append(label)
+    return spans + ([current] if current else [])
+
+
 def solid(color: tuple[int, int, int], size: tuple[int, int] = (32, 32)) -> Image.Image:
     return Image.new("RGB", size, color)
 

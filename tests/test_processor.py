@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import solid, tiny_config
+from conftest import labelled_spans, solid, tiny_config
 
 from vlm.errors import VLMError
 from vlm.model import VisionLanguageModel
@@ -83,18 +83,6 @@ def test_missing_placeholders_go_before_the_first_user_turn(processor):
     assert ids.count(processor.image_token_id) == 2 * processor.num_image_tokens
 
 
-def _answer_spans(labels: list[int]) -> list[list[int]]:
-    spans, current = [], []
-    for label in labels:
-        if label == IGNORE_INDEX:
-            if current:
-                spans.append(current)
-            current = []
-        else:
-            current.append(label)
-    return spans + ([current] if current else [])
-
-
 CONVERSATIONS = {
     "caption": (
         [{"role": "user", "content": "Describe the image."}, {"role": "assistant", "content": "a red circle"}],
@@ -123,7 +111,7 @@ def test_labels_are_exactly_the_assistant_turns(processor, kind):
     ids, labels = processor.encode(messages, num_images)
     assert len(ids) == len(labels)
     answers = [m["content"] for m in messages if m["role"] == "assistant"]
-    spans = _answer_spans(labels)
+    spans = labelled_spans(labels)
     decode = processor.tokenizer.decode
     assert [decode(s) for s in spans] == [a + IM_END for a in answers]
     # Every labelled token is the input token at that position (the shift happens in the loss).
@@ -146,7 +134,7 @@ def test_labels_survive_right_padding(processor):
         assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (longest - n)
         assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
         assert (batch["input_ids"][row, n:] == processor.tokenizer.pad_token_id).all()
-    spans = _answer_spans(batch["labels"][1].tolist())
+    spans = labelled_spans(batch["labels"][1].tolist())
     assert [processor.tokenizer.decode(s) for s in spans] == [
         "3" + IM_END,
         "red, green and blue" + IM_END,
@@ -184,7 +172,7 @@ def test_generation_prompt_has_no_labels_and_ends_with_the_assistant_prompt(proc
     assert processor.tokenizer.decode(ids).endswith(
         "<|im_start|>user\nAnd the shape?<|im_end|>\n<|im_start|>assistant\n"
     )
-    assert _answer_spans(labels) == [processor.tokenizer("red<|im_end|>\n", add_special_tokens=False)["input_ids"]]
+    assert labelled_spans(labels) == [processor.tokenizer("red<|im_end|>\n", add_special_tokens=False)["input_ids"]]
 
 
 @pytest.mark.parametrize("question", ["", "   ", "\n"])
@@ -217,7 +205,7 @@ def test_the_tokenizers_own_chat_template_is_used(processor):
     assert custom.chat_template == tokenizer.chat_template
     ids, labels = custom.encode(CONVERSATIONS["vqa"][0], 1)
     assert tokenizer.decode(ids).startswith("[user] <image>")
-    assert [tokenizer.decode(s) for s in _answer_spans(labels)] == ["red<|endoftext|>"]
+    assert [tokenizer.decode(s) for s in labelled_spans(labels)] == ["red<|endoftext|>"]
     assert tokenizer.decode(custom.prompt("hi", 0)) == "[user] hi<|endoftext|>[assistant] "
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import labelled_spans
 from PIL import Image
 
 from train.collate import Collator
@@ -32,19 +33,6 @@ def write_jsonl(path: Path, rows: list) -> Path:
 def image(tmp_path: Path, name: str = "a.png", color=(255, 0, 0)) -> str:
     Image.new("RGB", (20, 20), color).save(tmp_path / name)
     return name
-
-
-def labelled_spans(labels: list[int]) -> list[list[int]]:
-    """Runs of consecutive labelled positions."""
-    spans, current = [], []
-    for label in labels:
-        if label == IGNORE_INDEX:
-            if current:
-                spans.append(current)
-            current = []
-        else:
-            current.append(label)
-    return spans + ([current] if current else [])
 
 
 def test_label_masks_are_exactly_the_answers(tmp_path, processor):

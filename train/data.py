@@ -155,6 +155,27 @@ class ConcatRows(RowSource):
 # ---- datasets ------------------------------------------------------------------------------------------------------
 
 
+def _encode(
+    processor: Processor, example: Example, images: list[Any], max_length: int | None, with_prompt: bool = False
+) -> dict[str, Any]:
+    """A parsed row and its images (paths, PIL images or datasets' dicts) -> an encoded training sample."""
+    return encode_sample(
+        processor,
+        example.messages,
+        load_row_images(images),
+        example.kind,
+        example.references,
+        max_length,
+        with_prompt=with_prompt,
+    )
+
+
+def _bad_row(where: str, error: VLMError) -> tuple[str, str]:
+    """(where, message) of a broken row, the message always starting with where it came from."""
+    message = str(error)
+    return where, message if message.startswith(where) else f"{where}: {message}"
+
+
 class VLMDataset(Dataset):
     """Rows -> encoded samples. A broken row is replaced by the next good one and reported in the sample's `bad`.
 
@@ -176,19 +197,9 @@ class VLMDataset(Dataset):
             i = (index + k) % len(self.rows)
             try:
                 example, images = self.rows.get(i)
-                sample = encode_sample(
-                    self.processor,
-                    example.messages,
-                    load_row_images(images),
-                    example.kind,
-                    example.references,
-                    self.max_length,
-                    with_prompt=index in self.generate,
-                )
+                sample = _encode(self.processor, example, images, self.max_length, with_prompt=index in self.generate)
             except VLMError as e:
-                message = str(e)
-                key = self.rows.key(i)
-                bad.append((key, message if message.startswith(key) else f"{key}: {message}"))
+                bad.append(_bad_row(self.rows.key(i), e))
                 continue
             sample["bad"] = bad
             return sample
@@ -226,17 +237,9 @@ class StreamingVLMDataset(IterableDataset):
                 example, images = example_from_record(
                     record, self.columns, self.base, self.processor.caption_prompt, where
                 )
-                sample = encode_sample(
-                    self.processor,
-                    example.messages,
-                    load_row_images(images),
-                    example.kind,
-                    example.references,
-                    self.max_length,
-                )
+                sample = _encode(self.processor, example, images, self.max_length)
             except VLMError as e:
-                message = str(e)
-                bad.append((where, message if message.startswith(where) else f"{where}: {message}"))
+                bad.append(_bad_row(where, e))
                 continue
             sample["bad"], bad = bad, []
             sample["stream_position"] = (worker, position)
