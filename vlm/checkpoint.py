@@ -67,14 +67,15 @@ def save_checkpoint(model: VisionLanguageModel, path: str | Path, processor: Pro
     return path
 
 
-def load_model(path: str | Path) -> VisionLanguageModel:
+def _load(path: str | Path) -> tuple[VisionLanguageModel, Processor]:
+    """A checkpoint folder's model (eval mode) and processor, each read from disk once."""
     path = Path(path)
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise VLMError(f"not a vlm checkpoint folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}): {path}")
     config = VLMConfig.load(path / CONFIG_FILE)
     # A model saved without its processor takes the tokenizer its config names.
-    has_processor = (path / PROCESSOR_FILE).is_file()
-    tokenizer = Processor.from_pretrained(path).tokenizer if has_processor else tokenizer_for(config)
+    processor = Processor.from_pretrained(path) if (path / PROCESSOR_FILE).is_file() else None
+    tokenizer = processor.tokenizer if processor is not None else tokenizer_for(config)
     model = VisionLanguageModel.from_config(config, tokenizer, pretrained=False)
     try:
         missing, unexpected = load_safetensors(model, str(path / WEIGHTS_FILE), strict=False)
@@ -86,15 +87,18 @@ def load_model(path: str | Path) -> VisionLanguageModel:
     if missing or unexpected:
         missing, unexpected = sorted(missing)[:3], sorted(unexpected)[:3]  # safetensors returns sets
         raise VLMError(f"checkpoint {path} does not match its config: missing {missing}, unexpected {unexpected}")
-    return model.eval()
+    return model.eval(), processor if processor is not None else Processor.from_model(model, tokenizer)
+
+
+def load_model(path: str | Path) -> VisionLanguageModel:
+    """A checkpoint folder's model, in eval mode."""
+    return _load(path)[0]
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """A checkpoint folder's model (in eval mode, on `device`, in `dtype`) and processor."""
-    model = load_model(path).to(device=device, dtype=dtype)
-    if not (Path(path) / PROCESSOR_FILE).is_file():
-        return model, Processor.from_model(model, tokenizer_for(model.config))
-    return model, Processor.from_pretrained(path)
+    model, processor = _load(path)
+    return model.to(device=device, dtype=dtype), processor
 
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "samples" / "shapes-model"
