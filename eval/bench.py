@@ -9,6 +9,12 @@ Language Models"; forward 2, backward 4), applied per part because each part see
 Decoder params leave out the input embedding table (a lookup, not a matmul) unless it is tied to the output head;
 attention's sequence-squared term is left out (small at these lengths). MFU divides the achieved FLOP/s by the
 FLOP/s of one large matmul in the same dtype, timed in the same process: a practical peak, not the datasheet's.
+
+Packing (vlm only): the same training step on a batch whose samples have a realistic spread of lengths (text lengths
+log-normal around text_tokens / 2, each sample with one image), collated twice by `train.collate.Collator`: padded
+to the longest sample, and packed into rows of at most pack_tokens. Both carry the same real tokens, so their
+tokens/s (padding excluded) compare directly; the padding fraction is the share of the batch's positions that hold
+padding. With sdpa or eager attention a packed row still computes the masked-out attention between its samples.
 """
 
 from __future__ import annotations
@@ -35,10 +41,13 @@ from vlm.config import TINY_TOKENIZER, VLMConfig
 from vlm.decoder import context_length, resolve_source
 from vlm.errors import VLMError
 from vlm.generation import GenerationOptions
-from vlm.model import IGNORE_INDEX, VisionLanguageModel
+from vlm.model import IGNORE_INDEX, VisionLanguageModel, packing_problem
 from vlm.processor import Processor, add_image_token, tokenizer_for
 
 FOLDER_IMAGES = 32  # images in the folder the data pipeline and folder captioning read
+# The packing length mix: text lengths log-normal with median text_tokens / 2 and this sigma (a few long
+# conversations among many short answers), clipped to [4, 4 x text_tokens] and to the decoder's context.
+MIX_SIGMA = 1.0
 
 
 def _timed(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> float:
@@ -161,18 +170,8 @@ def _measure(net: nn.Module, processor: Processor, train_batch, gen_batches, sha
     """Training step and generation figures for one model (vlm or transformers' LLaVA: same call signatures)."""
     device, dtype, steps, warmup, new_tokens = args
     to = lambda b: {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in b.items()}  # noqa: E731
-    batch = to(train_batch)
-    net.train()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-6)
-    losses = []
-
-    def step() -> None:
-        loss = net(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-
+    losses: list[float] = []
+    step = _train_step(net, to(train_batch), losses)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -218,6 +217,86 @@ def _measure(net: nn.Module, processor: Processor, train_batch, gen_batches, sha
             "ttft_s": _timed(lambda: run(1), gen_repeats, 0, device),
         }
     return {"train": train, "generate": generate}
+
+
+def _train_step(net: nn.Module, batch: dict[str, Any], losses: list[float]) -> Callable[[], None]:
+    """One AdamW training step on `batch` (already on the device), recording its loss in `losses`."""
+    net.train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-6)
+
+    def step() -> None:
+        loss = net(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+
+    return step
+
+
+def _length_mix(
+    processor: Processor, shapes: dict[str, Any], batch_size: int, vocab: int, context: int | None
+) -> list[dict[str, Any]]:
+    """`batch_size` training samples (one image, then random labelled text) with log-normal text lengths."""
+    g = torch.Generator().manual_seed(1)
+    n, t = shapes["image_tokens"], shapes["text_tokens"]
+    longest = min(4 * t, (context or n + 4 * t) - n)
+    median = torch.tensor(max(t / 2, 1.0)).log()
+    draws = (median + MIX_SIGMA * torch.randn(batch_size, generator=g)).exp()
+    lengths = [int(x) for x in draws.round().clamp(min=min(4, longest), max=longest)]
+    h, w = shapes["image_size"]
+    samples = []
+    for length in lengths:
+        text = torch.randint(0, vocab, (length,), generator=g)
+        text[text == processor.image_token_id] = processor.tokenizer.eos_token_id
+        samples.append(
+            {
+                "input_ids": [processor.image_token_id] * n + text.tolist(),
+                "labels": [IGNORE_INDEX] * n + text.tolist(),
+                "pixel_values": torch.randn(1, 3, h, w, generator=g),
+                "bad": [],
+            }
+        )
+    return samples
+
+
+def _packing(net: nn.Module, processor: Processor, samples: list[dict], pack_tokens: int | None, args) -> dict:
+    """Padded vs packed training steps on the same samples (see the module docstring)."""
+    from train.collate import Collator
+
+    device, dtype, steps, warmup, _ = args
+    lengths = [len(s["input_ids"]) - s["input_ids"].count(processor.image_token_id) for s in samples]
+    real = sum(len(s["input_ids"]) for s in samples)
+    pack_tokens = pack_tokens or 2 * max(len(s["input_ids"]) for s in samples)
+    record: dict[str, Any] = {
+        "samples": len(samples),
+        "text_tokens": {"min": min(lengths), "median": sorted(lengths)[len(lengths) // 2], "max": max(lengths)},
+        "real_tokens": real,
+        "pack_tokens": pack_tokens,
+    }
+    batches = {"padded": Collator(processor)(samples), "packed": Collator(processor, pack_tokens)(samples)}
+    keys = ("input_ids", "attention_mask", "position_ids", "labels")
+    on_device = {
+        kind: {**{k: b[k].to(device) for k in keys if k in b}, "pixel_values": b["pixel_values"].to(device, dtype)}
+        for kind, b in batches.items()
+    }
+    net.eval()
+    with torch.no_grad():  # the same weights for both: the losses must agree (padding or packing, the same samples)
+        loss = {kind: net(**b).loss.item() for kind, b in on_device.items()}
+    for kind, batch in batches.items():
+        step_s = _timed(_train_step(net, on_device[kind], []), steps, warmup, device)
+        rows, width = batch["input_ids"].shape
+        record[kind] = {
+            "rows": rows,
+            "width": width,
+            "padding_fraction": 1 - real / (rows * width),
+            "step_s": step_s,
+            "samples_per_s": len(samples) / step_s,
+            "tokens_per_s": real / step_s,
+            "loss": loss[kind],
+        }
+    record["speedup"] = record["packed"]["tokens_per_s"] / record["padded"]["tokens_per_s"]
+    return record
 
 
 def _image_folder(tmp: Path) -> Path:
@@ -338,6 +417,22 @@ def _table(r: dict[str, Any]) -> str:
         extra += [("vlm caption IMG: s (start, import, load)", e["caption_latency_s"])]
         extra += [(f"vlm caption FOLDER: images/s ({e['folder_images']}, load incl.)", e["folder_images_per_s"])]
     lines += [f"{name:<44}{_fmt(value):>11}" for name, value in extra]
+    p = r["packing"]
+    if p is None:
+        return "\n".join(lines)
+    pad, pack, text = p["padded"], p["packed"], p["text_tokens"]
+    shape = lambda k: f"{k['rows']}x{k['width']}"  # noqa: E731
+    lines += [
+        "",
+        f"packing (vlm): {p['samples']} samples of {s['image_tokens']} image tokens + {text['min']}-{text['max']} "
+        f"text (median {text['median']}); packed rows of at most {p['pack_tokens']} tokens",
+        f"{'median':<44}{'padded':>11}{'packed':>11}{'pack/pad':>10}",
+        f"{'rows x row length':<44}{shape(pad):>11}{shape(pack):>11}",
+        f"{'padding fraction':<44}{_fmt(pad['padding_fraction']):>11}{_fmt(pack['padding_fraction']):>11}",
+        f"{'train real tokens/s':<44}{_fmt(pad['tokens_per_s']):>11}{_fmt(pack['tokens_per_s']):>11}"
+        f"{_fmt(p['speedup']):>10}",
+        f"{'loss (same weights: equal)':<44}{_fmt(pad['loss']):>11}{_fmt(pack['loss']):>11}",
+    ]
     return "\n".join(lines)
 
 
@@ -360,6 +455,7 @@ def bench(
     warmup: int = 3,
     device: Literal["auto", "cpu", "cuda"] = "auto",
     dtype: Literal["auto", "float32", "bfloat16"] = "auto",
+    pack_tokens: int | None = None,
     baseline: bool = True,
     output: str | None = None,
 ) -> int:
@@ -368,19 +464,23 @@ def bench(
     Prints a table of medians and vlm/baseline ratios on stderr and a JSON record on stdout (or to --output).
     Training: full AdamW steps on random images and text; MFU is relative to a matmul timed in this process.
     Generation: greedy, exactly new_tokens tokens; first-token time is a generate of one token. Also times the
-    data pipeline and, for --model or the default checkpoint, `vlm caption` end to end.
+    data pipeline and, for --model or the default checkpoint, `vlm caption` end to end. Packing: the same step on
+    batch_size samples of spread lengths, padded vs packed (padding fraction, real tokens/s, loss).
 
     Args:
         preset: A named preset built with random weights: tiny, shapes, nanovlm-222m, llava-222m.
         model: A vlm checkpoint folder to measure instead of a preset.
-        batch_size: Training batch size.
+        batch_size: Training batch size (also the samples of the packing length mix).
         gen_batch_sizes: Generation batch sizes, e.g. [1,32].
-        text_tokens: Text tokens per training sample (after the image tokens).
+        text_tokens: Text tokens per training sample (after the image tokens); the packing length mix's median
+            is half this.
         new_tokens: New tokens per generated sample.
         steps: Timed training steps (generation and data: at most 5 repeats; `vlm caption` runs: at most 3).
         warmup: Untimed training steps first (generation: one untimed call per batch size).
         device: Where to run: auto (CUDA when available), cpu or cuda.
         dtype: Weights' precision: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16.
+        pack_tokens: Longest packed row of the packing comparison (as data.pack_tokens in training); default:
+            twice the mix's longest sample.
         baseline: Also measure transformers' LlavaForConditionalGeneration.
         output: Write the JSON record to this file instead of stdout.
     """
@@ -390,6 +490,8 @@ def bench(
     settings = {k: v for k, v in locals().items() if k not in ("timm", "transformers")}  # the call, for the record
     if min(batch_size, text_tokens, new_tokens, steps, *gen_batch_sizes) < 1 or warmup < 0 or not gen_batch_sizes:
         raise VLMError("batch sizes, text_tokens, new_tokens and steps must be at least 1, warmup at least 0")
+    if pack_tokens is not None and pack_tokens < 1:
+        raise VLMError("pack_tokens must be at least 1")
     dev = checkpoint.resolve_device(device)
     dt = checkpoint.resolve_dtype(dtype, dev)
     notes: list[str] = []
@@ -415,6 +517,13 @@ def bench(
         n, peak = _matmul_peak(dev, dt)
         args = (dev, dt, steps, warmup, new_tokens)
         results = {"vlm": _measure(net.to(dev, dt), processor, train_batch, gen_batches, shapes, args, peak)}
+        packing = None
+        problem = packing_problem(net.decoder)
+        if problem is None:
+            mix = _length_mix(processor, shapes, batch_size, vocab, context)
+            packing = _packing(net, processor, mix, pack_tokens, args)
+        else:
+            notes.append(f"packing not measured: {problem}")
         del net  # one model on the device at a time
         base_shapes = None
         if hf_dir is not None:
@@ -451,6 +560,7 @@ def bench(
         "baseline_note": note,
         "baseline_shapes": base_shapes,
         "ratios": _ratios(results["vlm"], results["baseline"]) if "baseline" in results else None,
+        "packing": packing,
         "data": data,
         "end_to_end": e2e,
         "notes": notes,

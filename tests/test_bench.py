@@ -28,7 +28,7 @@ def test_bench_tiny_record(tmp_path, monkeypatch, capsys):
     # No end-to-end runs here (they start processes): pretend the default checkpoint is not there.
     monkeypatch.setattr(bench_module.checkpoint, "DEFAULT_MODEL_DIR", tmp_path / "no-default-model")
     out = tmp_path / "bench.json"
-    args = dict(steps=2, warmup=1, gen_batch_sizes=[1, 2], new_tokens=4, text_tokens=16, batch_size=2)
+    args = dict(steps=2, warmup=1, gen_batch_sizes=[1, 2], new_tokens=4, text_tokens=16, batch_size=4)
     assert bench(preset="tiny", output=str(out), **args) == 0
     r = json.loads(out.read_text())
 
@@ -53,11 +53,23 @@ def test_bench_tiny_record(tmp_path, monkeypatch, capsys):
     ratio = r["ratios"]["train"]["samples_per_s"]
     assert ratio == pytest.approx(r["vlm"]["train"]["samples_per_s"] / r["baseline"]["train"]["samples_per_s"])
     assert r["data"]["images_per_s"] > 0 and r["end_to_end"] is None
-    numbers = dict(_numbers({k: v for k, v in r.items() if k != "settings"}))
+    # Packing: the same samples padded (a row each) and packed (rows of at most twice the longest); same loss.
+    p = r["packing"]
+    pad, pack = p["padded"], p["packed"]
+    assert p["samples"] == 4 and pad["rows"] == 4 and pack["rows"] < 4 and p["pack_tokens"] == 2 * pad["width"]
+    assert pad["width"] <= pack["width"] <= p["pack_tokens"]
+    for k in (pad, pack):
+        assert k["padding_fraction"] == pytest.approx(1 - p["real_tokens"] / (k["rows"] * k["width"]))
+        assert 0 <= k["padding_fraction"] < 1 and k["tokens_per_s"] > 0
+    assert pack["loss"] == pytest.approx(pad["loss"], rel=1e-5)
+    assert p["speedup"] == pytest.approx(pack["tokens_per_s"] / pad["tokens_per_s"])
+    assert p["text_tokens"]["min"] <= p["text_tokens"]["median"] <= p["text_tokens"]["max"] <= 4 * 16
+    numbers = dict(_numbers({k: v for k, v in r.items() if k not in ("settings", "packing")}))
     assert numbers and all(v > 0 for v in numbers.values()), {k: v for k, v in numbers.items() if v <= 0}
 
     table = capsys.readouterr().err
     assert "vlm/base" in table and "generate batch 2: new tokens/s" in table and "train MFU" in table
+    assert "padding fraction" in table and "pack/pad" in table
 
 
 def test_bench_checkpoint_end_to_end(tiny_checkpoint: Path, tmp_path, capsys):

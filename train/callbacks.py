@@ -27,7 +27,7 @@ class DataHealth(Callback):
         self.bad: dict[str, dict[str, str]] = {"train": {}, "val": {}}
 
     def _count(self, stage: str, batch: dict[str, Any]) -> None:
-        self.seen[stage] += batch["input_ids"].shape[0]
+        self.seen[stage] += batch["num_samples"]  # samples, not rows: a packed row holds several
         for key, message in batch["bad"]:
             self.bad[stage].setdefault(key, message)
 

@@ -1,5 +1,10 @@
-"""Samples -> padded training batches. The labels come from `Processor.encode` (assistant turns only), so the loss
-covers exactly the answer tokens: never the prompt, the image tokens or the padding.
+"""Samples -> training batches, padded or packed. The labels come from `Processor.encode` (assistant turns only), so
+the loss covers exactly the answer tokens: never the prompt, the image tokens or the padding.
+
+Padding gives every sample a row as long as the batch's longest sample. Packing puts several samples one after
+another in a row (first-fit decreasing), with `position_ids` restarting at 0 at each sample; the model keeps
+attention inside each sample (see `vlm.model`), so a packed batch gives each sample the same logits and the batch
+the same loss as padding it would, on fewer rows.
 """
 
 from __future__ import annotations
@@ -49,24 +54,46 @@ def _cat(pixels: list[Tensor | None]) -> Tensor | None:
     return torch.cat(present) if present else None
 
 
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Sample indices grouped into rows of at most `capacity` tokens by first-fit decreasing: longest sample first,
+    each into the first row with room. A sample longer than `capacity` gets a row of its own. Within a row the
+    samples keep their given order."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        if fits is None:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+        else:
+            rows[fits].append(i)
+            room[fits] -= lengths[i]
+    return [sorted(row) for row in rows]
+
+
 class Collator:
-    """Right-pads samples into a batch: `input_ids`, `attention_mask`, `labels`, `pixel_values` (every image of
-    the batch in order, or None), `num_tokens` (real tokens, for throughput), `bad` (the `(key, message)` of every
-    broken row replaced while building the batch, so the main process can count rows found broken in workers).
+    """Samples -> a batch: `input_ids`, `labels`, `pixel_values` (every image of the batch in the order the rows
+    hold them, or None), `num_tokens` (real tokens, for throughput), `num_samples`, `bad` (the `(key, message)` of
+    every broken row replaced while building the batch, so the main process can count rows found broken in workers).
+
+    By default each sample is right-padded to a row of its own, with an `attention_mask`. With `pack_tokens`, samples
+    are packed into rows of at most that many tokens (see `pack_rows`), with `position_ids` (0, 1, ... per sample; 0
+    for each padding token, which so forms a one-token sample of its own) instead of an attention mask, and `spans`:
+    the `(row, start, end)` of each sample, in the given order. Rows are as long as the longest one.
 
     Question rows chosen for generation add `generate`: a left-padded prompt batch with its `pixel_values` and
     `references`. Streaming batches add `stream_position` (worker id, rows that worker has read), for resuming.
     """
 
-    def __init__(self, processor: Processor):
-        self.processor = processor
+    def __init__(self, processor: Processor, pack_tokens: int | None = None):
+        if pack_tokens is not None and pack_tokens < 1:
+            raise VLMError("data.pack_tokens must be at least 1")
+        self.processor, self.pack_tokens = processor, pack_tokens
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch: dict[str, Any] = self.processor.pad(
-            [s["input_ids"] for s in samples], "right", [s["labels"] for s in samples]
-        )
-        batch["pixel_values"] = _cat([s["pixel_values"] for s in samples])
+        batch = self._pad(samples) if self.pack_tokens is None else self._pack(samples)
         batch["num_tokens"] = sum(len(s["input_ids"]) for s in samples)
+        batch["num_samples"] = len(samples)
         batch["bad"] = [b for s in samples for b in s["bad"]]
         prompted = [s for s in samples if "prompt_ids" in s]
         if prompted:
@@ -77,3 +104,29 @@ class Collator:
         if "stream_position" in samples[-1]:
             batch["stream_position"] = samples[-1]["stream_position"]
         return batch
+
+    def _pad(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.processor.pad([s["input_ids"] for s in samples], "right", [s["labels"] for s in samples])
+        batch["pixel_values"] = _cat([s["pixel_values"] for s in samples])
+        return batch
+
+    def _pack(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        lengths = [len(s["input_ids"]) for s in samples]
+        rows = pack_rows(lengths, self.pack_tokens)
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        ids = torch.full((len(rows), width), self.processor.tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        spans: list[tuple[int, int, int]] = [(0, 0, 0)] * len(samples)
+        for r, row in enumerate(rows):
+            start = 0
+            for i in row:
+                end = start + lengths[i]
+                ids[r, start:end] = torch.tensor(samples[i]["input_ids"], dtype=torch.long)
+                labels[r, start:end] = torch.tensor(samples[i]["labels"], dtype=torch.long)
+                positions[r, start:end] = torch.arange(lengths[i])
+                spans[i] = (r, start, end)
+                start = end
+        # Images in the order the rows hold their image tokens (row by row, sample by sample): `embed` fills them so.
+        pixels = _cat([samples[i]["pixel_values"] for row in rows for i in row])
+        return {"input_ids": ids, "position_ids": positions, "labels": labels, "pixel_values": pixels, "spans": spans}

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from train.collate import Collator, encode_sample
 from vlm.data import Example, RowError, example_from_record, load_row_images, open_hf_dataset, parse_row, read_jsonl
 from vlm.errors import VLMError
+from vlm.model import check_packing
 from vlm.processor import Processor
 
 # A run of this many broken rows in a row means the data (not a row) is broken: stop rather than skip on.
@@ -327,6 +328,9 @@ class VLMDataModule(LightningDataModule):
         train: Training source(s).
         val: Validation source(s); none skips validation.
         batch_size: Samples per device per step.
+        pack_tokens: Pack each training batch's samples into rows of at most this many tokens (a longer sample gets
+            a row of its own) instead of padding every sample to the longest; each sample keeps its own positions
+            and attends only to itself, so the loss is the same on fewer rows. Unset pads. Validation always pads.
         val_batch_size: Validation batch size (default: `batch_size`).
         num_workers: Loader worker processes per device (0 loads in the main process).
         pin_memory: Pin batches for faster host-to-GPU copies; default: when training on a GPU.
@@ -349,6 +353,7 @@ class VLMDataModule(LightningDataModule):
         train: str | list[str] | None = None,
         val: str | list[str] | None = None,
         batch_size: int = 16,
+        pack_tokens: int | None = None,
         val_batch_size: int | None = None,
         num_workers: int = 2,
         pin_memory: bool | None = None,
@@ -366,11 +371,14 @@ class VLMDataModule(LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise VLMError("data.batch_size must be at least 1")
+        if pack_tokens is not None and pack_tokens < 1:
+            raise VLMError("data.pack_tokens must be at least 1")
         if not 0 <= max_bad_fraction <= 1:
             raise VLMError("data.max_bad_fraction must be between 0 and 1")
         self.train = [train] if isinstance(train, str) else list(train or [])
         self.val = [val] if isinstance(val, str) else list(val or [])
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.pack_tokens = pack_tokens
         self.num_workers, self.pin_memory, self.max_length = num_workers, pin_memory, max_length
         self.max_bad_fraction, self.seed, self.generate_samples = max_bad_fraction, seed, generate_samples
         self.columns = dict(columns or {})
@@ -429,6 +437,8 @@ class VLMDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.processor is None:
             self.processor = self.trainer.lightning_module.processor
+        if stage == "fit" and self.pack_tokens is not None and self.trainer is not None:
+            check_packing(self.trainer.lightning_module.vlm.decoder)  # refuse before the first step, not at it
         if stage == "fit" and self.train_set is None:
             if not self.train:
                 raise VLMError("no training data: set --data.train (a JSONL file or a dataset)")
@@ -472,18 +482,19 @@ class VLMDataModule(LightningDataModule):
             "val": sources(self.val, self.val_set, self.val_split),
             "streaming": self.streaming,
             "columns": self.columns or None,
+            "pack_tokens": self.pack_tokens,
         }
 
     # ---- loaders ----
 
-    def _loader_kwargs(self) -> dict[str, Any]:
+    def _loader_kwargs(self, pack_tokens: int | None = None) -> dict[str, Any]:
         pin = self.pin_memory
         if pin is None:
             pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return {
             "num_workers": self.num_workers,
             "pin_memory": pin,
-            "collate_fn": Collator(self.processor),
+            "collate_fn": Collator(self.processor, pack_tokens),
             # Loader seeds come from their own generator, so data loading never moves the global RNG.
             "generator": torch.Generator().manual_seed(self.seed),
         }
@@ -491,7 +502,7 @@ class VLMDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         epoch_fn = (lambda: trainer.current_epoch) if trainer is not None else (lambda: 0)
-        kwargs = self._loader_kwargs()
+        kwargs = self._loader_kwargs(self.pack_tokens)
         if self.streaming:
             # Persistent workers would keep a stale copy of the stream's epoch and resume position.
             return ResumableDataLoader(self.train_set, epoch_fn=epoch_fn, batch_size=self.batch_size, **kwargs)

@@ -357,11 +357,17 @@ class VLMModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def forward(self, batch: dict[str, Any]):
-        return self.vlm(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
+        return self.vlm(
+            batch["input_ids"],
+            batch.get("attention_mask"),  # packed batches have none: position_ids keep their samples apart
+            batch["pixel_values"],
+            batch["labels"],
+            batch.get("position_ids"),
+        )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):
         loss = self(batch).loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["num_samples"])
         return loss
 
     # ---- validation: loss, and exact-match accuracy of generated answers ----
@@ -371,7 +377,7 @@ class VLMModule(LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss = self(batch).loss
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["num_samples"])
         if "generate" in batch:
             from eval.metrics import exact_match
 

@@ -2,6 +2,11 @@
 
 The decoder reads one sequence in which each image placeholder has been expanded to `num_image_tokens`
 image-token ids; the projected patch embeddings are written into exactly those positions.
+
+Training rows are either right-padded (one sample a row, with an `attention_mask`) or packed (several samples one
+after another in a row, with `position_ids` that restart at 0 at each sample and no `attention_mask`). For packed
+rows, transformers' mask builder (`masking_utils.find_packed_sequence_indices`) reads the restarts as sample
+boundaries and makes attention block-diagonal causal, so each sample sees only itself, as if padded.
 """
 
 from __future__ import annotations
@@ -23,6 +28,13 @@ from vlm.projector import build_projector, num_output_tokens
 
 IGNORE_INDEX = -100
 
+# Decoder families that build their attention mask with transformers' `create_causal_mask` from `position_ids`,
+# and attention implementations whose masks honour the packed boundaries it finds; tests/test_packing.py checks each
+# family. Other families may attend across packed samples: bloom and mpt (ALiBi) and opt take positions from the
+# attention mask, and flash attention finds packed samples only in a batch of one row.
+PACKING_FAMILIES = ("llama", "qwen2", "gpt2", "gptj")
+PACKING_ATTENTION = ("sdpa", "eager", "flex_attention")
+
 
 @dataclass
 class VLMOutput:
@@ -39,6 +51,7 @@ def build_encoder(config: VLMConfig, pretrained: bool) -> ImageEncoder:
             weights=e.weights if pretrained else None,
             feature_layer=e.feature_layer,
             keep_prefix_tokens=e.keep_prefix_tokens,
+            pos_embed_std=e.pos_embed_std,
             **e.overrides,
         )
     except ValueError as err:
@@ -142,17 +155,29 @@ class VisionLanguageModel(nn.Module):
         attention_mask: Tensor | None = None,
         pixel_values: Tensor | None = None,
         labels: Tensor | None = None,
+        position_ids: Tensor | None = None,
     ) -> VLMOutput:
+        """Logits, and with `labels` the mean cross-entropy over the labelled tokens.
+
+        Padded rows pass `attention_mask` (positions then count real tokens only). Packed rows pass `position_ids`
+        restarting at 0 at each sample and no `attention_mask`: attention stays inside each sample, and a token at
+        position 0 is never a target, so no sample predicts the next one's first token. Explicit positions win.
+        """
         embeds = self.embed(input_ids, pixel_values)
-        position_ids = None
-        if attention_mask is not None:  # positions count real tokens only, so left padding changes nothing
+        if position_ids is None and attention_mask is not None:  # count real tokens only: left padding changes nothing
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).logits
+        if position_ids is not None and attention_mask is None:
+            check_packing(self.decoder)
+        # No cache: the mask builder only looks for packed samples without one, and nothing here reuses it.
+        logits = self.decoder(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).logits
         loss = None
         if labels is not None:  # predict token t+1 from position t; only labelled positions count
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-            )
+            targets = labels[:, 1:]
+            if position_ids is not None:  # position 0 starts a sample: the sample before it does not predict it
+                targets = targets.masked_fill(position_ids[:, 1:] == 0, IGNORE_INDEX)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         return VLMOutput(loss=loss, logits=logits)
 
     @torch.no_grad()
@@ -163,6 +188,23 @@ class VisionLanguageModel(nn.Module):
         (KV cache, greedy / sampling / beam search, stopping, streaming)."""
         embeds = self.embed(input_ids, pixel_values)
         return self.decoder.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+
+
+def packing_problem(decoder: PreTrainedModel) -> str | None:
+    """Why `decoder` would let the samples of a packed row attend to each other, or None if it keeps them apart."""
+    family, attention = decoder.config.model_type, decoder.config._attn_implementation
+    if family not in PACKING_FAMILIES:
+        return f"a {family} decoder cannot keep packed samples apart (packing works with {', '.join(PACKING_FAMILIES)})"
+    if attention not in PACKING_ATTENTION:
+        return f"{attention} attention cannot keep packed samples apart (use {', '.join(PACKING_ATTENTION)})"
+    return None
+
+
+def check_packing(decoder: PreTrainedModel) -> None:
+    """Raises `VLMError` unless `decoder` keeps each sample of a packed row to itself (see `PACKING_FAMILIES`)."""
+    problem = packing_problem(decoder)
+    if problem is not None:
+        raise VLMError(f"data.pack_tokens: {problem}; leave data.pack_tokens unset to pad instead")
 
 
 def _random(decoder_cfg):
