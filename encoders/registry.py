@@ -100,6 +100,7 @@ def create_encoder(
     pretrained: bool = False,
     *,
     weights: str | Path | None = None,
+    pos_embed_std: float | None = None,
     feature_layer: int = -1,
     keep_prefix_tokens: bool = False,
     **overrides: Any,
@@ -110,11 +111,15 @@ def create_encoder(
         name: A registered encoder or any timm model name.
         pretrained: Load the published weights by name (needs the model hub).
         weights: Load weights from this local file instead (.safetensors or a torch state dict).
+        pos_embed_std: Redraw a ViT's learned position embedding with this std (for a model started from scratch;
+            refused with pretrained weights, which it would overwrite).
         feature_layer: Which hidden state to return (-1 last block, -2 penultimate, k >= 1 block k).
         keep_prefix_tokens: Keep class/register tokens in the output.
         overrides: Keyword arguments for the model's constructor, e.g. `img_size=384`.
     """
     kwargs: dict[str, Any] = {"num_classes": 0, **overrides}
+    if pos_embed_std is not None and (pretrained or weights is not None):
+        raise ValueError("pos_embed_std redraws the position embedding: only for an encoder started from scratch")
     if weights is not None and not Path(weights).is_file():
         raise ValueError(f"encoder weights file not found: {weights}")
     if weights is not None:
@@ -130,6 +135,11 @@ def create_encoder(
             raise ValueError(f"bad encoder override for {name}: {e}") from e
     if weights is not None:
         load_weights(model, Path(weights))
+    if pos_embed_std is not None:
+        if getattr(model, "pos_embed", None) is None or pos_embed_std <= 0:
+            raise ValueError(f"pos_embed_std needs a ViT with a learned position embedding and a std > 0 ({name})")
+        with torch.no_grad():
+            nn.init.trunc_normal_(model.pos_embed, std=pos_embed_std, a=-2 * pos_embed_std, b=2 * pos_embed_std)
     return ImageEncoder(model, feature_layer=feature_layer, keep_prefix_tokens=keep_prefix_tokens)
 
 

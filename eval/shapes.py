@@ -291,6 +291,30 @@ def caption_for_scene(scene: list[Obj]) -> str:
     return ", ".join(f"{_article(o.color)} {o.color} {o.shape} {_position_phrase(o.center)}" for o in objs)
 
 
+def caption_facts(caption: str) -> dict[str, tuple[str, str]]:
+    """The inverse of :func:`caption_for_scene` on any text: ``{colour: (shape, position phrase)}`` for every
+    "a <colour> <shape> at the <position>" / "... in the center" the caption holds (the first mention of a colour wins).
+    """
+    facts: dict[str, tuple[str, str]] = {}
+    for part in caption.split(","):
+        words = part.split()
+        if len(words) >= 5 and words[0] in ("a", "an") and words[1] in COLOR_NAMES and words[3] in ("at", "in"):
+            facts.setdefault(words[1], (words[2], " ".join(words[3:])))
+    return facts
+
+
+def caption_scores(prediction: str, reference: str) -> dict[str, float]:
+    """How much of a reference caption's content a predicted caption gets right: the fraction of the reference's
+    objects whose shape (``shape``) and whose position phrase (``position``) the prediction gives for that colour."""
+    truth, said = caption_facts(reference), caption_facts(prediction)
+    if not truth:
+        raise ValueError(f"the reference caption describes no object: {reference!r}")
+    return {
+        "shape": sum(said.get(c, ("", ""))[0] == shape for c, (shape, _) in truth.items()) / len(truth),
+        "position": sum(said.get(c, ("", ""))[1] == where for c, (_, where) in truth.items()) / len(truth),
+    }
+
+
 def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
     # Same stream as SeedSequence(seed).spawn(3)[split_id].spawn(n)[index]: independent per split and per image.
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(SPLITS.index(split), index)))

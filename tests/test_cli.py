@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import assert_same_weights
 
-from vlm.checkpoint import DEFAULT_MODEL_DIR, load, load_model
+from vlm.checkpoint import load, load_model
 from vlm.cli import main
 from vlm.generation import GenerationOptions, generate_texts
 from vlm.images import load_image
@@ -193,13 +193,6 @@ def test_max_new_tokens_spellings(capsys, varied_checkpoint, image_folder):
     assert outputs[0] == outputs[1] == outputs[2]
     processor = load(varied_checkpoint)[1]
     assert len(processor.tokenizer(outputs[0].strip(), add_special_tokens=False)["input_ids"]) <= 1
-
-
-@pytest.mark.skipif((DEFAULT_MODEL_DIR / "config.json").exists(), reason="the default model exists")
-def test_default_model_missing(capsys, image_folder):
-    code, out, err = run(capsys, "caption", image_folder / "a.png")
-    assert_one_line_error(code, err, "no default model", "vlm init", exit_code=1)
-    assert out == ""
 
 
 @pytest.fixture(scope="module")

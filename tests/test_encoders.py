@@ -128,6 +128,22 @@ def test_weights_from_a_local_file(tmp_path):
         create_encoder("vit_tiny_patch16_224", weights=tmp_path / "missing.safetensors", **SMALL)
 
 
+def test_pos_embed_std_redraws_a_from_scratch_vits_position_embedding(tmp_path):
+    big = {**SMALL, "img_size": 64}  # 64 positions: enough to measure a std
+    torch.manual_seed(0)
+    default = create_encoder("vit_base_patch16_siglip_224", **big).model.pos_embed
+    torch.manual_seed(0)
+    wide = create_encoder("vit_base_patch16_siglip_224", pos_embed_std=0.5, **big).model.pos_embed
+    assert default.std().item() < 0.03
+    assert 0.35 < wide.std().item() < 0.5  # drawn from a normal of std 0.5 truncated at 2 std
+    assert wide.abs().max().item() <= 1.0
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(ValueError, match="only for an encoder started from scratch"):
+        create_encoder("vit_tiny_patch16_224", pos_embed_std=0.5, weights=tmp_path / "w.safetensors", **SMALL)
+    with pytest.raises(ValueError, match="learned position embedding"):
+        create_encoder("vit_tiny_patch16_224", pos_embed_std=0.5, pos_embed="none", **SMALL)
+
+
 def test_registered_encoders_take_precedence():
     calls = []
 

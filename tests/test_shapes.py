@@ -24,6 +24,7 @@ from eval.shapes import (
     SPLITS,
     answer_question,
     caption_for_scene,
+    caption_scores,
     generate_shapes,
     questions_for_scene,
     random_scene,
@@ -264,6 +265,19 @@ def test_caption_names_every_object_in_colour_order(dataset: tuple[Path, dict]) 
                 h = ("left", "center", "right")[int(cx // third)]
                 assert (m["v"], m["h"]) == ((None, None) if (v, h) == ("middle", "center") else (v, h)), row
             assert row["caption"] == caption_for_scene(scene_for(split, int(row["image"][-9:-4]), seed=SEED))
+
+
+def test_caption_scores_read_back_every_caption(dataset: tuple[Path, dict]) -> None:
+    out, _ = dataset
+    rows = _read_jsonl(out / "train_captions.jsonl")
+    for row in rows:
+        assert caption_scores(row["caption"], row["caption"]) == {"shape": 1.0, "position": 1.0}
+    truth = "a red square at the top left, a green circle in the center, a blue circle at the bottom right"
+    said = "a green square in the center, a red square at the top right, a blue"  # red: shape; green: place
+    assert caption_scores(said, truth) == {"shape": 1 / 3, "position": 1 / 3}
+    assert caption_scores("", truth) == {"shape": 0.0, "position": 0.0}
+    with pytest.raises(ValueError, match="describes no object"):
+        caption_scores(truth, "nothing here")
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,9 @@ class EncoderConfig:
     keep_prefix_tokens: bool = False  # keep the class/register tokens as image tokens
     pretrained: bool = False  # timm weights by name (needs the hub) when building a fresh model
     weights: str | None = None  # or a local weights file (.safetensors, or a torch state dict)
+    # A ViT started from scratch draws its position embedding with this std (timm's default: 0.02). A larger one
+    # keeps each patch's position visible in the features before training has shaped them (see the `shapes` preset).
+    pos_embed_std: float | None = None
 
 
 @dataclass
@@ -142,11 +145,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "decoder": {"hf_config": _llama(64, 2, 2, 1, 128, 1024), "tokenizer": TINY_TOKENIZER},
     },
     # Small from-scratch model sized for the shapes benchmark (75x75 images, 5x5 patches of 15 px) on a CPU.
-    # The context fits a 20-question conversation about one image (about 650 tokens).
+    # The context fits a 20-question conversation about one image (about 500 tokens). Its position embedding starts
+    # at std 0.6 (timm: 0.02), about the size of a patch's content, so a random ViT's features already say where each
+    # patch is; the recipe (samples/configs/shapes.yaml) keeps the encoder frozen, as explained there.
     "shapes": {
         "encoder": {
             "name": "vit_base_patch16_siglip_224",
             "overrides": {"img_size": 75, "patch_size": 15, "embed_dim": 128, "depth": 4, "num_heads": 4},
+            "pos_embed_std": 0.6,
         },
         "projector": {"kind": "mlp"},
         "decoder": {"hf_config": _llama(128, 3, 4, 2, 384, 1024), "tokenizer": TINY_TOKENIZER},

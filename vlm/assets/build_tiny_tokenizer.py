@@ -13,18 +13,26 @@ from transformers import PreTrainedTokenizerFast
 
 VOCAB_SIZE = 1024
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-# Words the shapes benchmark and common prompts use, so they become single tokens.
+# Words the shapes benchmark and common prompts use, so they become single tokens: at a sentence start, after a
+# space and on a line of their own (a one-word answer, a chat role), as the chat template renders them.
+DOMAIN_WORDS = """
+what is the shape of red green blue orange gray yellow object circle square left right top bottom middle center
+on or at image closest to furthest from how many objects have same as describe a an and with there are in
+one two three four five six yes no user assistant system you helpful answer question briefly caption this picture
+photo
+""".split()
 DOMAIN_TEXT = """
-what is the shape of the red green blue orange gray yellow object? circle square left right top bottom middle
-center is the object on the left or right of the image? is the object at the top or bottom of the image?
-what is the shape of the object closest to the furthest from how many objects have the same shape as
-describe the image. a an and at with there are one two three four five six 1 2 3 4 5 6 7 8 9 0 yes no
-user assistant system you are a helpful assistant answer the question briefly caption this picture photo
+What is the shape of the red object? Is the green object on the left or on the right of the image?
+Is the blue object at the top or at the bottom of the image? What is the shape of the object closest to the
+orange object? What is the shape of the object furthest from the gray object? How many objects have the same
+shape as the yellow object? Describe the image. a red square at the bottom left, a green circle at the top
+center, an orange circle in the center. Caption this picture. Answer the question briefly.
 """
 
 
 def corpus() -> list[str]:
-    texts = [DOMAIN_TEXT] * 200
+    words = DOMAIN_WORDS + [w.capitalize() for w in DOMAIN_WORDS] + [str(i) for i in range(10)]
+    texts = [DOMAIN_TEXT, " ".join(words), "\n".join(words)] * 200
     for module in ("os", "json", "pathlib", "argparse", "collections", "functools", "re", "string", "random"):
         texts.append(pydoc.render_doc(module, renderer=pydoc.plaintext))
     return texts

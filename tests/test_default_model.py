@@ -1,0 +1,69 @@
+"""The shipped default model (samples/shapes-model/, trained by samples/configs/shapes.yaml) on the sample images.
+
+A real check of the real checkpoint on the CPU: samples/images/ holds test-split images (never trained on) with
+their true captions. The model places objects: on the whole test split its captions give 98% of the objects'
+positions right (README, "The shapes benchmark"), so the bar here is 90% on the four sample images; a caption that
+ignores the image gets at best 13% (every object "in the center", the most common place). Its shapes and its
+answers to questions are still at chance on the test split, so there is no bar for them: the benchmark issue stays
+open until there is one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from eval.shapes import caption_scores
+from vlm.checkpoint import DEFAULT_MODEL_DIR, open_model
+from vlm.generation import GenerationOptions, generate_texts
+from vlm.images import load_image
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "images"
+ROWS = [json.loads(line) for line in (SAMPLES / "answers.jsonl").read_text().splitlines() if line.strip()]
+CAPTIONS = {r["image"]: r["caption"] for r in ROWS if "caption" in r}
+MIN_POSITIONS = 0.9  # fraction of objects whose position phrase the caption gets right (see the module docstring)
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return open_model(None, device="cpu")  # no --model: the default checkpoint
+
+
+def test_the_default_model_is_the_shipped_checkpoint(default_model):
+    model, _ = default_model
+    assert (DEFAULT_MODEL_DIR / "config.json").is_file()
+    assert sum(f.stat().st_size for f in DEFAULT_MODEL_DIR.iterdir()) < 20 * 2**20  # small enough for the repo
+    assert model.config.encoder.overrides["img_size"] == 75  # the shapes preset
+
+
+def test_captions_place_the_sample_images_objects(default_model):
+    model, processor = default_model
+    names = sorted(CAPTIONS)
+    captions = generate_texts(
+        model,
+        processor,
+        [model.config.caption_prompt] * len(names),
+        [[load_image(SAMPLES / n)] for n in names],
+        GenerationOptions(max_new_tokens=80),
+    )
+    positions = sum(caption_scores(c, CAPTIONS[n])["position"] for c, n in zip(captions, names)) / len(names)
+    assert positions >= MIN_POSITIONS, captions
+
+
+def test_readme_first_command_captions_with_the_default_model():
+    """`vlm caption samples/images/shapes_0.png`, as the README's first command runs it: a real subprocess."""
+    script = Path(sysconfig.get_path("scripts")) / "vlm"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "vlm.cli"]
+    env = {k: v for k, v in os.environ.items() if k != "VLM_DEBUG"}
+    result = subprocess.run(
+        [*command, "caption", str(SAMPLES / "shapes_0.png")], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    caption = result.stdout.strip().splitlines()[-1]
+    assert caption_scores(caption, CAPTIONS["shapes_0.png"])["position"] >= MIN_POSITIONS, caption
