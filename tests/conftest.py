@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -184,3 +187,11 @@ def training_batch(processor, images: list[Image.Image]) -> dict:
     batch = processor.pad([ids for ids, _ in encoded], "right", [labels for _, labels in encoded])
     batch["pixel_values"] = processor.transform(images[:3])
     return batch
+
+
+def run_vlm(args: list, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Runs the installed `vlm` console script (or `python -m vlm.cli` where it is not on PATH) in a subprocess."""
+    script = shutil.which("vlm")
+    command = [script] if script else [sys.executable, "-m", "vlm.cli"]
+    env = {k: v for k, v in os.environ.items() if k != "VLM_DEBUG"}
+    return subprocess.run([*command, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)

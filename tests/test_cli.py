@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_same_weights
+from conftest import assert_same_weights, run_vlm
 
 from vlm.checkpoint import load, load_model
 from vlm.cli import main
@@ -261,23 +259,11 @@ def test_help(capsys):
     assert code == 0 and "caption" in out and "ask" in out and "chat" in out
 
 
-def _console_script() -> list[str]:
-    script = shutil.which("vlm")
-    return [script] if script else [sys.executable, "-m", "vlm.cli"]
-
-
-def _subprocess(args: list, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "VLM_DEBUG"}
-    return subprocess.run(
-        [*_console_script(), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
-
-
 @pytest.fixture(scope="module")
 def script_checkpoint(tmp_path_factory) -> Path:
     """A checkpoint written by the real console script: `vlm init --preset tiny DIR`."""
     cwd = tmp_path_factory.mktemp("script")
-    result = _subprocess(["init", "--preset", "tiny", "ckpt"], cwd)
+    result = run_vlm(["init", "--preset", "tiny", "ckpt"], cwd)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert "wrote an untrained tiny checkpoint" in result.stderr
@@ -289,7 +275,7 @@ def test_script_init_matches_the_in_process_init(script_checkpoint, tiny_checkpo
 
 
 def test_script_caption_folder_with_a_bad_image(script_checkpoint, image_folder, tmp_path):
-    result = _subprocess(
+    result = run_vlm(
         ["caption", image_folder, "--model", script_checkpoint, "--output", "out.jsonl", "--max-new-tokens", "3"],
         tmp_path,
     )

@@ -11,13 +11,10 @@ open until there is one.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
+from conftest import run_vlm
 
 from eval.shapes import caption_scores
 from vlm.checkpoint import DEFAULT_MODEL_DIR, open_model
@@ -58,12 +55,7 @@ def test_captions_place_the_sample_images_objects(default_model):
 
 def test_readme_first_command_captions_with_the_default_model():
     """`vlm caption samples/images/shapes_0.png`, as the README's first command runs it: a real subprocess."""
-    script = Path(sysconfig.get_path("scripts")) / "vlm"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "vlm.cli"]
-    env = {k: v for k, v in os.environ.items() if k != "VLM_DEBUG"}
-    result = subprocess.run(
-        [*command, "caption", str(SAMPLES / "shapes_0.png")], capture_output=True, text=True, timeout=300, env=env
-    )
+    result = run_vlm(["caption", SAMPLES / "shapes_0.png"])
     assert result.returncode == 0, result.stderr
     caption = result.stdout.strip().splitlines()[-1]
     assert caption_scores(caption, CAPTIONS["shapes_0.png"])["position"] >= MIN_POSITIONS, caption
