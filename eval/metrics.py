@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 __all__ = [
@@ -372,9 +372,9 @@ def _close_meteor(meteor: Any) -> str:
 def _compute_caption_metrics(
     predictions: Sequence[str],
     references: Sequence[Sequence[str] | str],
-    groups: dict[str, list[int]],
+    groups: dict[Hashable, list[int]],
     with_meteor: bool = True,
-) -> tuple[dict[str, float | None], dict[str, dict[str, float | None]], list[str]]:
+) -> tuple[dict[str, float | None], dict[Hashable, dict[str, float | None]], list[str]]:
     """Tokenise once, then score all captions and every group (a subset of indices), sharing one METEOR process."""
     if len(predictions) != len(references):
         raise ValueError(f"got {len(predictions)} predictions but {len(references)} reference lists; they must match")
@@ -507,12 +507,20 @@ def detect_task(rows: list[dict]) -> str:
     )
 
 
-def _type_groups(rows: list[dict]) -> dict[str, list[int]]:
-    groups: dict[str, list[int]] = {}
-    for i, row in enumerate(rows):
-        if row.get("type") is not None:
-            groups.setdefault(str(row["type"]), []).append(i)
-    return dict(sorted(groups.items()))
+GROUP_FIELDS = ("type", "subtype")
+"""Row fields whose values group the metrics: ``by_type`` and ``by_subtype`` in :func:`score`."""
+
+
+def _groups(rows: list[dict]) -> dict[tuple[str, str], list[int]]:
+    """Row indices per (field, value) for each of GROUP_FIELDS, values sorted within a field."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for field in GROUP_FIELDS:
+        found: dict[str, list[int]] = {}
+        for i, row in enumerate(rows):
+            if row.get(field) is not None:
+                found.setdefault(str(row[field]), []).append(i)
+        groups.update({(field, value): idx for value, idx in sorted(found.items())})
+    return groups
 
 
 def _row_refs(row: dict, field: str, index: int) -> list[str]:
@@ -531,13 +539,15 @@ def score(task: str, rows: list[dict], predictions: list[str]) -> dict:
     ``task`` is "vqa" (rows carry ``answer``: a string or a list of reference answers) or "caption" (rows carry
     ``caption``: a string or a list of reference captions); see :func:`detect_task`. Returns::
 
-        {"task": task, "num_rows": n, "metrics": {...}, "by_type": {type: {...}}, "notes": [str, ...]}
+        {"task": task, "num_rows": n, "metrics": {...}, "by_type": {type: {...}}, "by_subtype": {subtype: {...}},
+         "notes": [str, ...]}
 
     For "vqa", metrics are ``vqa_accuracy`` (see :func:`vqa_accuracy`) and ``exact_match`` (see :func:`exact_match`),
     each the mean over rows, in [0, 1]. For "caption", they are those of :func:`caption_metrics`. ``by_type`` holds
     the same metrics computed on the rows sharing each ``type`` value (type names as strings, sorted; rows without a
-    ``type`` count only in the overall metrics; ``{}`` when no row has one). Caption metrics per type are computed on
-    that subset alone (CIDEr's IDF then comes from the subset). ``notes`` lists caveats such as a missing Java (METEOR
+    ``type`` count only in the overall metrics; ``{}`` when no row has one); ``by_subtype`` does the same for the rows'
+    ``subtype`` (e.g. the shapes benchmark's "closest" or "count"). Caption metrics per group are computed on that
+    subset alone (CIDEr's IDF then comes from the subset). ``notes`` lists caveats such as a missing Java (METEOR
     None); it is empty otherwise.
 
     Raises ValueError on an unknown task, mismatched lengths, no rows, or malformed rows; TypeError when a
@@ -552,7 +562,7 @@ def score(task: str, rows: list[dict], predictions: list[str]) -> dict:
     for i, pred in enumerate(predictions):
         if not isinstance(pred, str):
             raise TypeError(f"prediction {i} must be a string, got {type(pred).__name__}")
-    groups = _type_groups(rows)
+    groups = _groups(rows)
     notes: list[str] = []
 
     if task == "vqa":
@@ -566,9 +576,12 @@ def score(task: str, rows: list[dict], predictions: list[str]) -> dict:
             return {name: sum(values[i] for i in idx) / len(idx) for name, values in per_row.items()}
 
         metrics: dict[str, Any] = mean_over(list(range(len(rows))))
-        by_type: dict[str, Any] = {name: mean_over(idx) for name, idx in groups.items()}
+        by_group: dict[Hashable, Any] = {key: mean_over(idx) for key, idx in groups.items()}
     else:
         refs = [_row_refs(row, "caption", i) for i, row in enumerate(rows)]
-        metrics, by_type, notes = _compute_caption_metrics(predictions, refs, groups)
+        metrics, by_group, notes = _compute_caption_metrics(predictions, refs, groups)
 
-    return {"task": task, "num_rows": len(rows), "metrics": metrics, "by_type": by_type, "notes": notes}
+    result: dict[str, Any] = {"task": task, "num_rows": len(rows), "metrics": metrics}
+    for field in GROUP_FIELDS:
+        result[f"by_{field}"] = {value: m for (f, value), m in by_group.items() if f == field}
+    return {**result, "notes": notes}

@@ -31,7 +31,8 @@ _PROCESSOR_FILE = "processor_config.json"
 PARTS = ("encoder", "projector", "decoder")
 # The parts of a `vlm eval` report an eval_results.json entry keeps (not the per-row failures).
 _RESULT_KEYS = (
-    "data", "task", "num_rows", "num_scored", "num_failed", "metrics", "by_type", "type_counts", "notes",
+    "data", "task", "num_rows", "num_scored", "num_failed", "metrics", "by_type", "type_counts", "by_subtype",
+    "subtype_counts", "notes",
     "generation", "dtype", "evaluated_at",
 )  # fmt: skip
 
@@ -245,7 +246,7 @@ def _training_summary(r: dict[str, Any]) -> list[str]:
         start = f"preset `{model['config']}`"
     else:
         start = None
-    if start and "pretrained" in model:
+    if start and not model.get("init_from") and "pretrained" in model:  # init_from loads that folder's weights
         start += ", pretrained weights loaded as the config names them" if model["pretrained"] else ", from scratch"
     if model.get("lora"):
         lora = model["lora"]
@@ -315,7 +316,6 @@ def _evaluation(results: dict[str, dict[str, Any]], digest: str) -> list[str]:
         lines = ["Measured by `vlm eval` on these exact weights (recorded in `eval_results.json`)."]
     for data, r in sorted(current.items()):
         names = list(r.get("metrics", {}))
-        counts = r.get("type_counts", {})
         lines += [
             "",
             f"### `{data}`",
@@ -330,9 +330,11 @@ def _evaluation(results: dict[str, dict[str, Any]], digest: str) -> list[str]:
             "|---|" + "---:|" * len(names),
             f"| overall ({r.get('num_scored')}) | " + " | ".join(_fmt(r["metrics"].get(n)) for n in names) + " |",
         ]
-        for t, m in r.get("by_type", {}).items():
-            label = f"{t} ({counts[t]})" if t in counts else t
-            lines.append(f"| {label} | " + " | ".join(_fmt(m.get(n)) for n in names) + " |")
+        for field, prefix in (("type", ""), ("subtype", "subtype ")):
+            counts = r.get(f"{field}_counts", {})
+            for t, m in r.get(f"by_{field}", {}).items():
+                label = prefix + (f"{t} ({counts[t]})" if t in counts else t)
+                lines.append(f"| {label} | " + " | ".join(_fmt(m.get(n)) for n in names) + " |")
         lines += [f"\nNote: {note}" for note in r.get("notes", [])]
     if stale:
         lines += ["", f"({stale} earlier result(s) in `eval_results.json` were measured on other weights; not shown.)"]

@@ -203,11 +203,15 @@ def _fmt(value: Any) -> str:
 
 
 def summary_table(report: dict[str, Any]) -> str:
-    """The report as text: a header, then one line per group (overall, then each type) and one column per metric."""
+    """The report as text: a header, then one line per group (overall, each type, each subtype, indented) and one
+    column per metric."""
     names = list(report["metrics"])
-    counts = report.get("type_counts", {})
-    labels = [f"overall ({report['num_scored']})"] + [f"{t} ({counts.get(t, '?')})" for t in report["by_type"]]
-    values = [report["metrics"]] + list(report["by_type"].values())
+    labels, values = [f"overall ({report['num_scored']})"], [report["metrics"]]
+    for field, indent in (("type", ""), ("subtype", "  ")):
+        counts = report.get(f"{field}_counts", {})
+        for group, metrics in report.get(f"by_{field}", {}).items():
+            labels.append(f"{indent}{group} ({counts.get(group, '?')})")
+            values.append(metrics)
     width = max(len(label) for label in labels)
     cols = [max(len(n), 8) for n in names]
     source = f"model {report['model']}" if report.get("model") else f"predictions {report['predictions_from']}"
@@ -243,7 +247,7 @@ def evaluate(
 ) -> int:
     """Score a model on a benchmark: VQA accuracy / exact match, or BLEU, ROUGE-L, CIDEr and METEOR for captions.
 
-    Prints a table of the metrics overall and per question type (the rows' "type"). Rows that fail are counted and
+    Prints a table of the metrics overall, per question type (the rows' "type") and per "subtype". Rows that fail are counted and
     reported: broken rows (no reference) are left out of the metrics, rows the model could not answer score as wrong.
     Evaluating a checkpoint records the results in its folder (eval_results.json) and regenerates its README.md.
     Exits with 2 when some rows failed (the report is still written).
@@ -300,7 +304,7 @@ def evaluate(
         _apply_predictions(predictions, rows)
     generated = time.perf_counter()
 
-    from eval.metrics import score
+    from eval.metrics import GROUP_FIELDS, score
 
     scored = [it for it, ok in zip(rows.items, rows.scorable, strict=True) if ok]
     result = score(task, [it.row for it in scored], [it.prediction if it.error is None else "" for it in scored])
@@ -311,10 +315,11 @@ def evaluate(
         for i, (it, w) in enumerate(zip(rows.items, rows.where, strict=True))
         if it.error
     ]
-    type_counts: dict[str, int] = {}
+    counts: dict[str, dict[str, int]] = {field: {} for field in GROUP_FIELDS}
     for it in scored:
-        if it.row.get("type") is not None:
-            type_counts[str(it.row["type"])] = type_counts.get(str(it.row["type"]), 0) + 1
+        for field, found in counts.items():
+            if it.row.get(field) is not None:
+                found[str(it.row[field])] = found.get(str(it.row[field]), 0) + 1
     report: dict[str, Any] = {
         "model": str(model_dir.resolve()) if model_dir is not None else None,
         "predictions_from": predictions,
@@ -325,7 +330,9 @@ def evaluate(
         "num_failed": len(failures),
         "metrics": result["metrics"],
         "by_type": result["by_type"],
-        "type_counts": dict(sorted(type_counts.items())),
+        "type_counts": dict(sorted(counts["type"].items())),
+        "by_subtype": result["by_subtype"],
+        "subtype_counts": dict(sorted(counts["subtype"].items())),
         "notes": result["notes"],
         "failures": failures,
         "limit": limit,

@@ -26,6 +26,8 @@ Layout on disk (image paths in the JSONL files are relative to ``out``)::
     out/images/{split}_{index:05d}.png
     out/{split}.jsonl            question rows: image, question, answer, type, subtype
     out/{split}_captions.jsonl   caption rows: image, caption
+    out/{split}_relational.jsonl the relational rows of {split}.jsonl, in the same order (to weight them in a mix)
+    out/{split}_chat.jsonl       the questions as multi-turn conversations (see generate_shapes)
 
 Every image is drawn from its own random stream ``SeedSequence(seed, spawn_key=(split_id, index))``, i.e. the
 ``index``-th child of the ``split_id``-th child of the root seed sequence; the three splits therefore use
@@ -353,8 +355,9 @@ def generate_shapes(out: str | Path, train: int = 10000, val: int = 200, test: i
     """Generate the Sort-of-CLEVR benchmark (Santoro et al. 2017) as PNG images and JSONL files.
 
     Writes ``images/{split}_{index:05d}.png``, question files ``{split}.jsonl`` (20 questions per image: 10
-    non-relational, 10 relational), caption files ``{split}_captions.jsonl`` (one caption per image) and
-    ``{split}_chat.jsonl`` (the same 20 questions per image as 4 multi-turn conversations of 5, in shuffled
+    non-relational, 10 relational), their relational rows alone in ``{split}_relational.jsonl`` (a recipe lists
+    that file beside the full one to weight relational questions up), caption files ``{split}_captions.jsonl``
+    (one caption per image) and ``{split}_chat.jsonl`` (the same 20 questions per image as 4 multi-turn conversations of 5, in shuffled
     order: training reads each image once per 5 answers, in rows about as long as a caption row) for the train,
     val and test splits. The output is fully determined by the seed; existing files are overwritten.
 
@@ -367,7 +370,8 @@ def generate_shapes(out: str | Path, train: int = 10000, val: int = 200, test: i
 
     Returns:
         Summary dict: ``out``, ``seed``, and per split (``splits[name]``) the numbers of ``images``, ``questions``
-        and ``captions`` and the paths of its ``questions_file``, ``captions_file`` and ``chat_file``.
+        and ``captions`` and the paths of its ``questions_file``, ``relational_file``, ``captions_file`` and
+        ``chat_file``.
 
     Raises:
         ValueError: If a count or the seed is not a non-negative integer, or ``out`` is not a path.
@@ -387,9 +391,11 @@ def generate_shapes(out: str | Path, train: int = 10000, val: int = 200, test: i
         q_path = out_dir / f"{split}.jsonl"
         c_path = out_dir / f"{split}_captions.jsonl"
         chat_path = out_dir / f"{split}_chat.jsonl"
+        rel_path = out_dir / f"{split}_relational.jsonl"
         n_questions = 0
         with (
             q_path.open("w", encoding="utf-8", newline="\n") as fq,
+            rel_path.open("w", encoding="utf-8", newline="\n") as frel,
             c_path.open("w", encoding="utf-8", newline="\n") as fc,
             chat_path.open("w", encoding="utf-8", newline="\n") as fchat,
         ):
@@ -400,7 +406,10 @@ def generate_shapes(out: str | Path, train: int = 10000, val: int = 200, test: i
                 render_scene(scene).save(out_dir / rel, format="PNG")
                 questions = questions_for_scene(scene, rng)
                 for row in questions:
-                    fq.write(json.dumps({"image": rel, **row}) + "\n")
+                    line = json.dumps({"image": rel, **row}) + "\n"
+                    fq.write(line)
+                    if row["type"] == "relational":
+                        frel.write(line)
                     n_questions += 1
                 fc.write(json.dumps({"image": rel, "caption": caption_for_scene(scene)}) + "\n")
                 # Shuffled so every question type also comes first, as it does when asked on its own.
@@ -418,6 +427,7 @@ def generate_shapes(out: str | Path, train: int = 10000, val: int = 200, test: i
             "questions": n_questions,
             "captions": n,
             "questions_file": str(q_path),
+            "relational_file": str(rel_path),
             "captions_file": str(c_path),
             "chat_file": str(chat_path),
         }

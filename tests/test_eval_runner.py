@@ -75,12 +75,16 @@ def test_evaluate_report_matches_its_predictions(ckpt: Path, shapes: Path, tmp_p
     # The report's numbers are those of the predictions file.
     expected = score("vqa", rows, answers)
     assert report["metrics"] == expected["metrics"] and report["by_type"] == expected["by_type"]
+    assert report["by_subtype"] == expected["by_subtype"]
     assert report["metrics"]["vqa_accuracy"] == pytest.approx(
         sum(vqa_accuracy(a, [r["answer"]]) for a, r in zip(answers, rows, strict=True)) / 40
     )
     assert set(report["metrics"]) == {"vqa_accuracy", "exact_match"}
     assert set(report["by_type"]) == {"non_relational", "relational"}
     assert report["type_counts"] == {"non_relational": 20, "relational": 20}
+    subtypes = [r["subtype"] for r in rows]
+    assert report["subtype_counts"] == {s: subtypes.count(s) for s in sorted(set(subtypes))}
+    assert set(report["by_subtype"]) == set(subtypes) and len(set(subtypes)) == 6
     assert (report["task"], report["num_rows"], report["num_scored"], report["num_failed"]) == ("vqa", 40, 40, 0)
     assert report["model"] == str(ckpt.resolve()) and report["data"] == str(data.resolve())
     assert report["generation"]["max_new_tokens"] == 4 and report["batch_size"] == 8
@@ -113,6 +117,9 @@ def test_predictions_mode_gives_the_hand_computed_metrics(shapes: Path, tmp_path
         idx = [i for i, r in enumerate(rows) if r["type"] == t]
         assert report["by_type"][t]["vqa_accuracy"] == pytest.approx(sum(i % 4 in (0, 1) for i in idx) / len(idx))
         assert report["by_type"][t]["exact_match"] == pytest.approx(sum(i % 4 == 0 for i in idx) / len(idx))
+    for sub in {r["subtype"] for r in rows}:
+        idx = [i for i, r in enumerate(rows) if r["subtype"] == sub]
+        assert report["by_subtype"][sub]["exact_match"] == pytest.approx(sum(i % 4 == 0 for i in idx) / len(idx))
     assert report["num_failed"] == 10 and [f["row"] for f in report["failures"]] == list(range(3, 40, 4))
     assert code == 2  # failed rows make the exit code say so; the report is still complete
     assert report["model"] is None and report["predictions_from"] == str(preds) and report["generation"] is None

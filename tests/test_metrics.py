@@ -472,10 +472,21 @@ def test_score_vqa_with_types() -> None:
     }
 
 
+def test_score_vqa_by_subtype() -> None:
+    # Subtypes group independently of types: "dogs" spans two types, and the row without a subtype is left out.
+    rows = [{**row, "subtype": sub} for row, sub in zip(VQA_ROWS, ["dogs", "cats", "dogs", None], strict=True)]
+    result = score("vqa", rows, VQA_PREDICTIONS)
+    assert result["by_subtype"] == {
+        "cats": {"vqa_accuracy": 1.0, "exact_match": 1.0},
+        "dogs": {"vqa_accuracy": pytest.approx(0.5), "exact_match": 0.0},
+    }
+    assert result["by_type"] == score("vqa", VQA_ROWS, VQA_PREDICTIONS)["by_type"]
+
+
 def test_score_vqa_without_types_has_empty_by_type() -> None:
     rows = [{"question": "q", "answer": "yes"}, {"question": "q", "answer": "no"}]
     result = score("vqa", rows, ["Yes", "yes"])
-    assert result["by_type"] == {}
+    assert result["by_type"] == {} and result["by_subtype"] == {}
     assert result["metrics"] == {"vqa_accuracy": 0.5, "exact_match": 0.5}
 
 
@@ -491,6 +502,11 @@ def test_score_caption_with_types_without_java(monkeypatch: pytest.MonkeyPatch) 
     for name, expected in EXPECTED_BY_TYPE.items():
         _assert_metrics(result["by_type"][name], expected, NON_METEOR)
         assert result["by_type"][name]["meteor"] is None
+    # The same groups named by "subtype" instead get the same figures.
+    rows = [{**{k: v for k, v in row.items() if k != "type"}, "subtype": row["type"]} for row in _typed_caption_rows()]
+    with pytest.warns(RuntimeWarning, match="java"):
+        by_subtype = score("caption", rows, PREDICTIONS)
+    assert by_subtype["by_type"] == {} and by_subtype["by_subtype"] == result["by_type"]
 
 
 def test_score_caption_single_string_reference(monkeypatch: pytest.MonkeyPatch) -> None:

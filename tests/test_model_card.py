@@ -111,8 +111,7 @@ def test_vlm_training_records_are_summarized(built, tmp_path: Path) -> None:
     card = write_model_card(folder).read_text()
     expected = [
         "## Training\n\nRecorded by `vlm fit` on 2030-01-02T03:04:05+00:00; the full record is `training.json`.",
-        "- **Start**: initialised from `runs/align/model`, pretrained weights loaded as the config names them; "
-        "LoRA r=8, alpha=16 (merged).",
+        "- **Start**: initialised from `runs/align/model`; LoRA r=8, alpha=16 (merged).",
         "- **Data**: `a.jsonl` (12,000 rows; 3 broken rows skipped), `hub/vqa` [train] (rows not counted) (streamed); "
         "validation: `v.parquet` [validation] (500 rows); 7 broken rows skipped in the last epoch.",
         "- **Steps**: 1,500 optimizer steps (2.5 passes over the training rows), 128 rows per step (16 per device x 4 "

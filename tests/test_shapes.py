@@ -152,6 +152,9 @@ def test_counts_splits_and_layout(dataset: tuple[Path, dict]) -> None:
         images = [f"images/{split}_{i:05d}.png" for i in range(n)]
         assert [c["image"] for c in captions] == images
         assert sorted({q["image"] for q in questions}) == images
+        relational = _read_jsonl(Path(info["relational_file"]))
+        assert Path(info["relational_file"]) == out / f"{split}_relational.jsonl"
+        assert relational == [q for q in questions if q["type"] == "relational"] and len(relational) == 10 * n
         chats = _read_jsonl(Path(info["chat_file"]))
         assert [c["image"] for c in chats] == [i for i in images for _ in range(4)]
         for image in images:
