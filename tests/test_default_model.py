@@ -1,14 +1,14 @@
-"""The shipped default model (samples/shapes-model/: samples/configs/shapes.yaml, shapes-stage2.yaml, then
-shapes-stage3.yaml) on the sample images.
+"""The shipped default model (samples/shapes-model/: samples/configs/shapes.yaml, then shapes-stage2.yaml,
+shapes-stage3.yaml and shapes-stage4.yaml) on the sample images.
 
 A real check of the real checkpoint on the CPU: samples/images/ holds test-split images (never trained on) with
 their true captions and answers. On the whole test split the model's captions give 99.75% of the objects' positions
-and 96.2% of their shapes right, and it answers 94.6% of the non-relational questions (README, "The shapes
-benchmark"). The bars here, on the four sample images: 90% of positions and 80% of shapes in the captions (a caption
-that ignores the image gets at best 13% of positions, every object "in the center", and 58% of shapes, every object a
-square), and 85% of the 40 non-relational answers (each has two possible answers: guessing gets about half). Its
-relational answers are still near chance (54.8% on the test split), so there is no bar for them: the benchmark issue
-stays open until there is one."""
+and 99.75% of their shapes right, and it answers 99.7% of the non-relational and 72.6% of the relational questions
+(README, "The shapes benchmark"). The bars here, on the four sample images: 90% of positions and 80% of shapes in the
+captions (a caption that ignores the image gets at best 13% of positions, every object "in the center", and 58% of
+shapes, every object a square); 95% of the 40 non-relational answers (each has two possible answers: guessing gets
+about half; the model gets 40); 65% of the 40 relational answers (the model gets 29; stage 3's model, at 54.8% on the
+test split, is the kind of model this bar rejects). The benchmark's relational target (95%) is not met yet."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ ROWS = [json.loads(line) for line in (SAMPLES / "answers.jsonl").read_text().spl
 CAPTIONS = {r["image"]: r["caption"] for r in ROWS if "caption" in r}
 MIN_POSITIONS = 0.9  # fraction of objects whose position phrase the caption gets right (see the module docstring)
 MIN_SHAPES = 0.8  # fraction of objects whose shape the caption gets right
-MIN_NON_RELATIONAL = 0.85  # fraction of the sample images' non-relational questions answered right
+MIN_NON_RELATIONAL = 0.95  # fraction of the sample images' non-relational questions answered right
+MIN_RELATIONAL = 0.65  # fraction of their relational questions answered right
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +69,10 @@ def test_readme_first_command_captions_with_the_default_model():
     assert caption_scores(caption, CAPTIONS["shapes_0.png"]) == {"shape": 1.0, "position": 1.0}, caption  # all right
 
 
-def test_answers_the_sample_images_non_relational_questions(default_model):
+@pytest.mark.parametrize(("qtype", "bar"), [("non_relational", MIN_NON_RELATIONAL), ("relational", MIN_RELATIONAL)])
+def test_answers_the_sample_images_questions(default_model, qtype, bar):
     model, processor = default_model
-    rows = [r for r in ROWS if r.get("type") == "non_relational"]
+    rows = [r for r in ROWS if r.get("type") == qtype]
     assert len(rows) == 40
     answers = generate_texts(
         model,
@@ -81,4 +83,4 @@ def test_answers_the_sample_images_non_relational_questions(default_model):
     )
     right = [a.strip() == r["answer"] for a, r in zip(answers, rows)]
     wrong = [(r["image"], r["question"], a) for a, r, ok in zip(answers, rows, right) if not ok]
-    assert sum(right) / len(rows) >= MIN_NON_RELATIONAL, wrong
+    assert sum(right) / len(rows) >= bar, wrong
