@@ -546,7 +546,7 @@ def score(task: str, rows: list[dict], predictions: list[str]) -> dict:
     each the mean over rows, in [0, 1]. For "caption", they are those of :func:`caption_metrics`. ``by_type`` holds
     the same metrics computed on the rows sharing each ``type`` value (type names as strings, sorted; rows without a
     ``type`` count only in the overall metrics; ``{}`` when no row has one); ``by_subtype`` does the same for the rows'
-    ``subtype`` (e.g. the shapes benchmark's "closest" or "count"). Caption metrics per group are computed on that
+    ``subtype`` (e.g. the shapes benchmark's "closest_shape" or "count"). Caption metrics per group are computed on that
     subset alone (CIDEr's IDF then comes from the subset). ``notes`` lists caveats such as a missing Java (METEOR
     None); it is empty otherwise.
 

@@ -175,6 +175,12 @@ def test_evaluate_records_results_and_regenerates_the_card(
     card = (folder / "README.md").read_text()
     assert f"### `{questions.resolve()}`" in card and _overall_line(q_report) in card
     assert "| | vqa_accuracy | exact_match |" in card
+    # Each type and subtype of the questions gets its own line, with its row count.
+    for field, prefix in (("type", ""), ("subtype", "subtype ")):
+        assert q_report[f"by_{field}"] and results[str(questions.resolve())][f"by_{field}"] == q_report[f"by_{field}"]
+        for name, m in q_report[f"by_{field}"].items():
+            count = q_report[f"{field}_counts"][name]
+            assert f"| {prefix}{name} ({count}) | {m['vqa_accuracy']:.4f} | {m['exact_match']:.4f} |" in card
     assert (
         _overall_line(c_report) in card and "| | bleu_1 | bleu_2 | bleu_3 | bleu_4 | rouge_l | cider | meteor |" in card
     )
