@@ -539,16 +539,16 @@ def score(task: str, rows: list[dict], predictions: list[str]) -> dict:
     ``task`` is "vqa" (rows carry ``answer``: a string or a list of reference answers) or "caption" (rows carry
     ``caption``: a string or a list of reference captions); see :func:`detect_task`. Returns::
 
-        {"task": task, "num_rows": n, "metrics": {...}, "by_type": {type: {...}}, "by_subtype": {subtype: {...}},
-         "notes": [str, ...]}
+        {"task": task, "num_rows": n, "metrics": {...}, "by_type": {type: {...}}, "type_counts": {type: rows},
+         "by_subtype": {subtype: {...}}, "subtype_counts": {subtype: rows}, "notes": [str, ...]}
 
     For "vqa", metrics are ``vqa_accuracy`` (see :func:`vqa_accuracy`) and ``exact_match`` (see :func:`exact_match`),
     each the mean over rows, in [0, 1]. For "caption", they are those of :func:`caption_metrics`. ``by_type`` holds
     the same metrics computed on the rows sharing each ``type`` value (type names as strings, sorted; rows without a
     ``type`` count only in the overall metrics; ``{}`` when no row has one); ``by_subtype`` does the same for the rows'
     ``subtype`` (e.g. the shapes benchmark's "closest_shape" or "count"). Caption metrics per group are computed on that
-    subset alone (CIDEr's IDF then comes from the subset). ``notes`` lists caveats such as a missing Java (METEOR
-    None); it is empty otherwise.
+    subset alone (CIDEr's IDF then comes from the subset). ``type_counts`` and ``subtype_counts`` give each group's
+    number of rows. ``notes`` lists caveats such as a missing Java (METEOR None); it is empty otherwise.
 
     Raises ValueError on an unknown task, mismatched lengths, no rows, or malformed rows; TypeError when a
     prediction is not a string.
@@ -584,4 +584,5 @@ def score(task: str, rows: list[dict], predictions: list[str]) -> dict:
     result: dict[str, Any] = {"task": task, "num_rows": len(rows), "metrics": metrics}
     for field in GROUP_FIELDS:
         result[f"by_{field}"] = {value: m for (f, value), m in by_group.items() if f == field}
+        result[f"{field}_counts"] = {value: len(idx) for (f, value), idx in groups.items() if f == field}
     return {**result, "notes": notes}

@@ -247,9 +247,10 @@ def evaluate(
 ) -> int:
     """Score a model on a benchmark: VQA accuracy / exact match, or BLEU, ROUGE-L, CIDEr and METEOR for captions.
 
-    Prints a table of the metrics overall, per question type (the rows' "type") and per "subtype". Rows that fail are counted and
-    reported: broken rows (no reference) are left out of the metrics, rows the model could not answer score as wrong.
-    Evaluating a checkpoint records the results in its folder (eval_results.json) and regenerates its README.md.
+    Prints a table of the metrics overall, per question type (the rows' "type") and per "subtype". Rows that fail are
+    counted and reported: broken rows (no reference) are left out of the metrics, rows the model could not answer
+    score as wrong. Evaluating a checkpoint records the results in its folder (eval_results.json) and regenerates its
+    README.md.
     Exits with 2 when some rows failed (the report is still written).
 
     Args:
@@ -304,7 +305,7 @@ def evaluate(
         _apply_predictions(predictions, rows)
     generated = time.perf_counter()
 
-    from eval.metrics import GROUP_FIELDS, score
+    from eval.metrics import score
 
     scored = [it for it, ok in zip(rows.items, rows.scorable, strict=True) if ok]
     result = score(task, [it.row for it in scored], [it.prediction if it.error is None else "" for it in scored])
@@ -315,11 +316,6 @@ def evaluate(
         for i, (it, w) in enumerate(zip(rows.items, rows.where, strict=True))
         if it.error
     ]
-    counts: dict[str, dict[str, int]] = {field: {} for field in GROUP_FIELDS}
-    for it in scored:
-        for field, found in counts.items():
-            if it.row.get(field) is not None:
-                found[str(it.row[field])] = found.get(str(it.row[field]), 0) + 1
     report: dict[str, Any] = {
         "model": str(model_dir.resolve()) if model_dir is not None else None,
         "predictions_from": predictions,
@@ -330,9 +326,9 @@ def evaluate(
         "num_failed": len(failures),
         "metrics": result["metrics"],
         "by_type": result["by_type"],
-        "type_counts": dict(sorted(counts["type"].items())),
+        "type_counts": result["type_counts"],
         "by_subtype": result["by_subtype"],
-        "subtype_counts": dict(sorted(counts["subtype"].items())),
+        "subtype_counts": result["subtype_counts"],
         "notes": result["notes"],
         "failures": failures,
         "limit": limit,

@@ -357,9 +357,10 @@ def generate_shapes(out: str | Path, train: int = 10000, val: int = 200, test: i
     Writes ``images/{split}_{index:05d}.png``, question files ``{split}.jsonl`` (20 questions per image: 10
     non-relational, 10 relational), their relational rows alone in ``{split}_relational.jsonl`` (a recipe lists
     that file beside the full one to weight relational questions up), caption files ``{split}_captions.jsonl``
-    (one caption per image) and ``{split}_chat.jsonl`` (the same 20 questions per image as 4 multi-turn conversations of 5, in shuffled
-    order: training reads each image once per 5 answers, in rows about as long as a caption row) for the train,
-    val and test splits. The output is fully determined by the seed; existing files are overwritten.
+    (one caption per image) and ``{split}_chat.jsonl`` (the same 20 questions per image as 4 multi-turn
+    conversations of 5, in shuffled order: training reads each image once per 5 answers, in rows about as long as a
+    caption row) for the train, val and test splits. The output is fully determined by the seed; existing files are
+    overwritten.
 
     Args:
         out: Output folder; created if missing.

@@ -481,6 +481,7 @@ def test_score_vqa_by_subtype() -> None:
         "dogs": {"vqa_accuracy": pytest.approx(0.5), "exact_match": 0.0},
     }
     assert result["by_type"] == score("vqa", VQA_ROWS, VQA_PREDICTIONS)["by_type"]
+    assert result["subtype_counts"] == {"cats": 1, "dogs": 2} and result["type_counts"] == {"count": 2, "yes/no": 1}
 
 
 def test_score_vqa_without_types_has_empty_by_type() -> None:
