@@ -248,6 +248,10 @@ def _training_summary(r: dict[str, Any]) -> list[str]:
         start = None
     if start and not model.get("init_from") and "pretrained" in model:  # init_from loads that folder's weights
         start += ", pretrained weights loaded as the config names them" if model["pretrained"] else ", from scratch"
+    grown = model.get("expand_decoder")
+    if start and grown:
+        start += f"; decoder expanded from {grown['from_layers']} to {grown['to_layers']} layers"
+        start += " (new ones start as the identity)"
     if model.get("lora"):
         lora = model["lora"]
         start = (start + "; " if start else "") + f"LoRA r={lora.get('r')}, alpha={lora.get('alpha')} (merged)"

@@ -191,3 +191,46 @@ def test_a_few_steps_teach_the_model_to_read_the_image():
     model.eval()
     images = [[Image.new("RGB", (32, 32), colors[c])] for c in ("red", "blue")]
     assert generate_texts(model, processor, [question] * 2, images) == ["red", "blue"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_expanding_the_decoder_keeps_its_outputs_and_new_layers_learn(family, pil_images, tmp_path):
+    from vlm.checkpoint import load, save_checkpoint
+    from vlm.generation import GenerationOptions
+
+    model, processor = build_tiny(tiny_config(family))
+    deeper, _ = build_tiny(tiny_config(family))
+    assert deeper.expand_decoder(5) == [1, 3, 4]  # 2 -> 5: one new layer after layer 0, two after layer 1
+    layers = deeper.decoder.model.layers
+    assert [layer.self_attn.layer_idx for layer in layers] == list(range(5))  # the KV cache is indexed by these
+    assert deeper.config.decoder.hf_config["num_hidden_layers"] == deeper.decoder.config.num_hidden_layers == 5
+    assert torch.count_nonzero(layers[1].self_attn.o_proj.weight) == 0
+    assert torch.equal(layers[1].self_attn.q_proj.weight, layers[0].self_attn.q_proj.weight)  # copies the layer below
+    batch = training_batch(processor, pil_images)
+    with torch.no_grad():
+        torch.testing.assert_close(deeper(**batch).logits, model(**batch).logits, atol=1e-5, rtol=1e-5)
+    prompts = processor(["<image>\nWhat colour is it?", "hello there"], [[pil_images[0]], []])
+    kwargs = GenerationOptions(max_new_tokens=6).hf_kwargs(processor)
+    assert torch.equal(deeper.generate(**prompts, **kwargs), model.generate(**prompts, **kwargs))  # with the cache
+    # The zeroed projections get gradients, so the new layers train.
+    deeper.train()
+    deeper(**batch).loss.backward()
+    assert (
+        layers[1].self_attn.o_proj.weight.grad.abs().sum() > 0 and layers[1].mlp.down_proj.weight.grad.abs().sum() > 0
+    )
+    # A saved expanded model rebuilds at its new depth.
+    deeper.eval()
+    save_checkpoint(deeper, tmp_path / "deeper", processor)
+    loaded, _ = load(tmp_path / "deeper")
+    assert len(loaded.decoder.model.layers) == 5
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, deeper(**batch).logits, atol=0, rtol=0)
+
+
+def test_decoder_expansion_errors():
+    model, _ = build_tiny(tiny_config("gpt2"), scrambled=False)
+    with pytest.raises(VLMError, match="cannot expand a gpt2 decoder"):
+        model.expand_decoder(4)
+    model, _ = build_tiny(scrambled=False)
+    with pytest.raises(VLMError, match="to fewer"):
+        model.expand_decoder(1)

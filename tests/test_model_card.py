@@ -74,7 +74,13 @@ def test_vlm_training_records_are_summarized(built, tmp_path: Path) -> None:
         "format_version": 1,
         "written_by": "vlm fit",
         "date": "2030-01-02T03:04:05+00:00",
-        "model": {"config": None, "init_from": "runs/align/model", "pretrained": True, "lora": {"r": 8, "alpha": 16}},
+        "model": {
+            "config": None,
+            "init_from": "runs/align/model",
+            "expand_decoder": {"from_layers": 3, "to_layers": 6},
+            "pretrained": True,
+            "lora": {"r": 8, "alpha": 16},
+        },
         "learning_rates": {"encoder": 0.0, "projector": 0.001, "decoder": 2e-05},
         "optimizer": {"name": "AdamW", "weight_decay": 0.01, "betas": [0.9, 0.95], "warmup": 0.03, "min_lr_ratio": 0.1},
         "data": {
@@ -111,7 +117,8 @@ def test_vlm_training_records_are_summarized(built, tmp_path: Path) -> None:
     card = write_model_card(folder).read_text()
     expected = [
         "## Training\n\nRecorded by `vlm fit` on 2030-01-02T03:04:05+00:00; the full record is `training.json`.",
-        "- **Start**: initialised from `runs/align/model`; LoRA r=8, alpha=16 (merged).",
+        "- **Start**: initialised from `runs/align/model`; decoder expanded from 3 to 6 layers (new ones start as the "
+        "identity); LoRA r=8, alpha=16 (merged).",
         "- **Data**: `a.jsonl` (12,000 rows; 3 broken rows skipped), `hub/vqa` [train] (rows not counted) (streamed); "
         "validation: `v.parquet` [validation] (500 rows); 7 broken rows skipped in the last epoch.",
         "- **Steps**: 1,500 optimizer steps (2.5 passes over the training rows), 128 rows per step (16 per device x 4 "

@@ -66,3 +66,19 @@ def test_nothing_to_train_and_bad_choices_are_one_line_errors():
         VLMModule()
     with pytest.raises(VLMError, match="lr_decoder > 0"):
         VLMModule(config="tiny", pretrained=False, lr_decoder=0.0, lora={"r": 4})
+
+
+def test_a_stage_can_deepen_the_decoder_and_move_the_images_after_the_text(tiny_checkpoint):
+    m = VLMModule(
+        init_from=str(tiny_checkpoint), expand_decoder=4, images_after_text=True, pretrained=False, lr_decoder=1e-3
+    )
+    # The layout reaches the processor that encodes the training rows, and what a checkpoint exports.
+    assert m.processor.images_after_text and m.export_meta()["config"]["images_after_text"]
+    assert b'"images_after_text": true' in bytes(m._processor_files["processor_config.json"].tolist())
+    assert len(m.vlm.decoder.model.layers) == 4
+    assert m.export_meta()["config"]["decoder"]["hf_config"]["num_hidden_layers"] == 4  # exports rebuild 4 layers
+    assert m.training_record()["model"]["expand_decoder"] == {"from_layers": 2, "to_layers": 4}
+    m.trainer = SimpleNamespace(estimated_stepping_batches=10)
+    optimizer = m.configure_optimizers()["optimizer"]
+    trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert id(m.vlm.decoder.model.layers[1].self_attn.o_proj.weight) in trained  # the new layers train

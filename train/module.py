@@ -146,6 +146,11 @@ class VLMModule(LightningModule):
         config: The model to build: a preset name (tiny, shapes, nanovlm-222m, llava-222m) or a full `VLMConfig`.
         init_from: Start from this vlm checkpoint folder instead (its config and weights; `config` is ignored):
             for a second stage or domain fine-tuning.
+        expand_decoder: Deepen the decoder to this many layers before training, by block expansion: new layers
+            start as the identity, so training starts from what the model already computes (for a stage that needs
+            more depth than the model it starts from; see `vlm.decoder.expand_layers`).
+        images_after_text: Set where images go in a turn without `<image>` placeholders (`VLMConfig.images_after_text`):
+            after the text, so the decoder reads the question before the image, or before it. Unset: the model's own.
         pretrained: Load the pretrained weights the config asks for (encoder/decoder `pretrained`, `weights`).
         lr_encoder: Peak learning rate of the image encoder; 0 freezes it.
         lr_projector: Peak learning rate of the projector; 0 freezes it.
@@ -164,6 +169,8 @@ class VLMModule(LightningModule):
         self,
         config: str | VLMConfig | None = None,
         init_from: str | None = None,
+        expand_decoder: int | None = None,
+        images_after_text: bool | None = None,
         pretrained: bool = True,
         lr_encoder: float = 0.0,
         lr_projector: float = 1e-3,
@@ -186,6 +193,12 @@ class VLMModule(LightningModule):
         name = None if init_from is not None else config if isinstance(config, str) else "custom"
         self._origin = {"config": name, "init_from": init_from, "pretrained": pretrained}
         self.vlm, self.processor = self._build(config, init_from, pretrained)
+        if expand_decoder is not None:
+            old = self.vlm.config.decoder.hf_config.get("num_hidden_layers")
+            self.vlm.expand_decoder(expand_decoder)
+            self._origin["expand_decoder"] = {"from_layers": old, "to_layers": expand_decoder}
+        if images_after_text is not None:  # the processor lays out every prompt, so training and inference agree
+            self.vlm.config.images_after_text = self.processor.images_after_text = images_after_text
         for part, lr in self.lrs.items():
             if lr == 0:
                 getattr(self.vlm, part).requires_grad_(False)

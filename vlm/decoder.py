@@ -8,12 +8,14 @@ later load reads that folder, which is much faster than parsing the GGUF again.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from vlm.config import DecoderConfig
@@ -142,3 +144,48 @@ def context_length(model: PreTrainedModel) -> int | None:
     """The most positions the decoder can attend over, whatever the family calls it."""
     c = model.config
     return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+
+
+# Decoder families whose layers end in these two projections (attention out, MLP out) and that keep their layers in
+# `model.layers`: what `expand_layers` needs to make a new layer start as the identity.
+EXPANDABLE_FAMILIES = ("llama", "qwen2")  # tests/test_model.py checks each
+
+
+def expand_layers(model: PreTrainedModel, num_layers: int) -> list[int]:
+    """Deepens a decoder to `num_layers` by block expansion (LLaMA Pro, Wu et al. 2024, arXiv:2401.02415).
+
+    Each new layer is a copy of the layer below it with its attention output and MLP output projections zeroed, so
+    its residual branches add nothing and the deeper model computes exactly what the original did; training then
+    grows the new layers from there. New layers are spread evenly: 3 -> 6 puts one after each original layer.
+
+    Returns the indices (in the new stack) of the inserted layers.
+    """
+    family = model.config.model_type
+    if family not in EXPANDABLE_FAMILIES:
+        raise VLMError(f"cannot expand a {family} decoder (expansion works with {', '.join(EXPANDABLE_FAMILIES)})")
+    layers = model.model.layers
+    old = len(layers)
+    if num_layers < old:
+        raise VLMError(f"cannot expand a decoder of {old} layers to fewer ({num_layers})")
+    extra = num_layers - old
+    # Original layer i is followed by floor((i+1)*extra/old) - floor(i*extra/old) new layers: spread evenly.
+    stack, sources, inserted = [], [], []
+    for i, layer in enumerate(layers):
+        stack.append(layer)
+        sources.append(i)
+        for _ in range((i + 1) * extra // old - i * extra // old):
+            new = copy.deepcopy(layer)
+            for proj in (new.self_attn.o_proj, new.mlp.down_proj):
+                torch.nn.init.zeros_(proj.weight)
+                if proj.bias is not None:
+                    torch.nn.init.zeros_(proj.bias)
+            inserted.append(len(stack))
+            stack.append(new)
+            sources.append(i)
+    for idx, layer in enumerate(stack):
+        layer.self_attn.layer_idx = idx  # the KV cache is indexed by it
+    model.model.layers = torch.nn.ModuleList(stack)
+    model.config.num_hidden_layers = num_layers
+    if getattr(model.config, "layer_types", None) is not None:  # e.g. sliding-window layers: a copy keeps its kind
+        model.config.layer_types = [model.config.layer_types[s] for s in sources]
+    return inserted

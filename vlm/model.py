@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from encoders import ImageEncoder, create_encoder
 from vlm.config import VLMConfig
-from vlm.decoder import build_decoder
+from vlm.decoder import build_decoder, expand_layers
 from vlm.errors import VLMError
 from vlm.projector import build_projector, num_output_tokens
 
@@ -116,6 +116,15 @@ class VisionLanguageModel(nn.Module):
         from vlm.checkpoint import save_checkpoint
 
         save_checkpoint(self, path, processor)
+
+    def expand_decoder(self, num_layers: int) -> list[int]:
+        """Deepens the decoder to `num_layers` without changing what the model computes (`decoder.expand_layers`),
+        and records the new depth in the config so a saved checkpoint rebuilds it. Returns the new layers' indices."""
+        inserted = expand_layers(self.decoder, num_layers)
+        self.config.decoder.hf_config["num_hidden_layers"] = num_layers
+        if "layer_types" in self.config.decoder.hf_config:
+            self.config.decoder.hf_config["layer_types"] = list(self.decoder.config.layer_types)
+        return inserted
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """(num_images, 3, H, W) -> (num_images, num_image_tokens, D) decoder embeddings."""
