@@ -186,6 +186,24 @@ def test_import_round_trip(exported, tmp_path):
     assert diff <= 1e-4
 
 
+def test_images_after_text_survives_export_and_import(tmp_path):
+    model, processor = _build("siglip")
+    model.config.images_after_text = processor.images_after_text = True
+    save_checkpoint(model, tmp_path / "vlm", processor)
+    export_hf(str(tmp_path / "vlm"), str(tmp_path / "hf"))
+    hf_processor = AutoProcessor.from_pretrained(tmp_path / "hf", backend="pil")
+    text = hf_processor.apply_chat_template(_hf_messages(1), add_generation_prompt=True)
+    assert text.index(PROMPT) < text.index("<image>")  # transformers lays the prompt out as vlm does
+    ours = processor([PROMPT], [[_image(3)]])
+    assert hf_processor(images=[_image(3)], text=text, return_tensors="pt")["input_ids"].tolist() == (
+        ours["input_ids"].tolist()
+    )
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
+    back, back_processor = load(tmp_path / "back")
+    assert back.config.images_after_text and back_processor.images_after_text
+    assert back_processor([PROMPT], [[_image(3)]])["input_ids"].tolist() == ours["input_ids"].tolist()
+
+
 def _foreign_llava(folder, bos: bool, vocab_pad: int = 13):
     """A LLaVA folder as transformers writes it: CLIP tower (feature layer -2, class token dropped), untied head,
     a vocabulary padded past the tokenizer, a center-crop image processor and a list-content chat template;

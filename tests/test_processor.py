@@ -83,6 +83,20 @@ def test_missing_placeholders_go_before_the_first_user_turn(processor):
     assert ids.count(processor.image_token_id) == 2 * processor.num_image_tokens
 
 
+def test_images_after_text_puts_missing_placeholders_after_the_first_user_turn(processor, tmp_path):
+    after = copy.copy(processor)
+    after.images_after_text = True
+    messages = [{"role": "user", "content": "What?"}, {"role": "assistant", "content": "red"}]
+    assert after.with_placeholders(messages, 2)[0]["content"] == "What?\n<image>\n<image>"
+    ids, labels = after.encode(messages, 1)
+    question = processor.tokenizer("What?", add_special_tokens=False).input_ids
+    first_image = ids.index(processor.image_token_id)
+    assert ids[first_image - len(question) - 1 : first_image - 1] == question  # the question, a newline, the image
+    assert labelled_spans(labels) == labelled_spans(processor.encode(messages, 1)[1])  # the same answer labels
+    after.save_pretrained(tmp_path)
+    assert Processor.from_pretrained(tmp_path).images_after_text is True
+
+
 CONVERSATIONS = {
     "caption": (
         [{"role": "user", "content": "Describe the image."}, {"role": "assistant", "content": "a red circle"}],

@@ -71,6 +71,9 @@ class VLMConfig:
     image_token: str = "<image>"
     # Instruction the CLI and the data reader use for caption rows, so training and inference agree.
     caption_prompt: str = "Describe the image."
+    # Where a user turn whose text has no <image> placeholder gets its images: before the text (LLaVA's layout), or
+    # after it, so that the decoder reads the question first and every image token can attend to it (early fusion).
+    images_after_text: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -75,6 +75,16 @@ def _prologue(template: str, image_token: str) -> str:
     return template.replace("IMAGE_TOKEN", json.dumps(image_token))
 
 
+def _list_to_text(image_token: str, images_after_text: bool) -> str:
+    """The export prologue for vlm's layout: "<image>\\n" per image then the text, or (`images_after_text`) the text
+    then "\\n<image>" per image."""
+    template = _LIST_TO_TEXT
+    if images_after_text:
+        template = template.replace("IMAGE_TOKEN + '\\n'", "'\\n' + IMAGE_TOKEN")
+        template = template.replace("vlm_parts.images + vlm_parts.text", "vlm_parts.text + vlm_parts.images")
+    return _prologue(template, image_token)
+
+
 # ---- export -------------------------------------------------------------------------------------------------
 
 
@@ -140,7 +150,7 @@ def export_hf(model_dir: str, out_dir: str) -> None:
         image_std=list(processor.transform.std),
         do_convert_rgb=True,
     )
-    chat_template = _prologue(_LIST_TO_TEXT, processor.image_token) + processor.chat_template
+    chat_template = _list_to_text(processor.image_token, processor.images_after_text) + processor.chat_template
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         config.save_pretrained(tmp)
@@ -407,18 +417,25 @@ def import_hf(src: str, out_dir: str) -> None:
         raise VLMError(f"the tokenizer has no image token id {hf.image_token_index}")
     text = hf.text_config.to_dict()
     text.pop("transformers_version", None)
+    tokenizer.chat_template, images_after_text = _chat_template(folder, tokenizer, image_token)
     config = VLMConfig(
         encoder=encoder,
         projector=ProjectorConfig(kind="mlp"),
         decoder=DecoderConfig(hf_config=text),
         image_token=image_token,
+        images_after_text=images_after_text,
     )
     transform = _image_transform(folder, hf.vision_config.image_size)
-    tokenizer.chat_template = _chat_template(folder, tokenizer, image_token)
     model = VisionLanguageModel.from_config(config, tokenizer, pretrained=False)
     _load_llava_weights(model, _read_weights(folder), src)
     processor = Processor(
-        tokenizer, transform, model.num_image_tokens, image_token, config.caption_prompt, context_length(model.decoder)
+        tokenizer,
+        transform,
+        model.num_image_tokens,
+        image_token,
+        config.caption_prompt,
+        context_length(model.decoder),
+        images_after_text,
     )
     save_checkpoint(model, out, processor)
 
@@ -604,8 +621,9 @@ def _image_transform(folder: Path, image_size: int):
     )
 
 
-def _chat_template(folder: Path, tokenizer: Any, image_token: str) -> str | None:
-    """vlm's chat template (text content) for a LLaVA folder's template (list-of-parts content).
+def _chat_template(folder: Path, tokenizer: Any, image_token: str) -> tuple[str | None, bool]:
+    """vlm's chat template (text content) for a LLaVA folder's template (list-of-parts content), and whether the
+    images go after the text (`VLMConfig.images_after_text`).
 
     A folder exported by vlm carries vlm's own template behind a known prologue; it is taken back as it was.
     """
@@ -617,10 +635,11 @@ def _chat_template(folder: Path, tokenizer: Any, image_token: str) -> str | None
     else:
         template = tokenizer.chat_template
     if not template:
-        return None  # vlm's processor falls back to its ChatML default
-    exported = _prologue(_LIST_TO_TEXT, image_token)
-    if template.startswith(exported):
-        return template[len(exported) :]
+        return None, False  # vlm's processor falls back to its ChatML default
+    for after in (False, True):
+        exported = _list_to_text(image_token, after)
+        if template.startswith(exported):
+            return template[len(exported) :], after
     # transformers' processor tokenizes the rendered prompt with the tokenizer's special tokens (e.g. LLaVA-1.5's
     # <s>); vlm tokenizes without them, so the template must write such a BOS itself.
     bos = tokenizer.bos_token_id
@@ -628,7 +647,7 @@ def _chat_template(folder: Path, tokenizer: Any, image_token: str) -> str | None
     adds_bos = bos is not None and with_special[:1] == [bos] and plain[:1] != [bos]
     if adds_bos and "bos_token" not in template:
         template = "{{ bos_token }}" + template
-    return _prologue(_TEXT_TO_LIST, image_token) + template
+    return _prologue(_TEXT_TO_LIST, image_token) + template, False
 
 
 # ---- folders ------------------------------------------------------------------------------------------------

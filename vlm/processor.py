@@ -87,6 +87,7 @@ class Processor:
         image_token: str = "<image>",
         caption_prompt: str = "Describe the image.",
         max_length: int | None = None,
+        images_after_text: bool = False,
     ):
         self.tokenizer = tokenizer
         self.transform = transform
@@ -94,6 +95,7 @@ class Processor:
         self.image_token = image_token
         self.caption_prompt = caption_prompt
         self.max_length = max_length
+        self.images_after_text = images_after_text
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.chat_template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
         # Stop at the end of the assistant's turn as well as at the tokenizer's EOS.
@@ -118,6 +120,7 @@ class Processor:
             model.config.image_token,
             model.config.caption_prompt,
             context_length(model.decoder),
+            model.config.images_after_text,
         )
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -129,6 +132,7 @@ class Processor:
             "image_token": self.image_token,
             "caption_prompt": self.caption_prompt,
             "max_length": self.max_length,
+            "images_after_text": self.images_after_text,
             "chat_template": self.chat_template,
         }
         (path / PROCESSOR_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -149,12 +153,14 @@ class Processor:
             meta["image_token"],
             meta["caption_prompt"],
             meta["max_length"],
+            meta.get("images_after_text", False),  # not written before this option existed
         )
 
     # ---- text -------------------------------------------------------------------------------------------
 
     def with_placeholders(self, messages: list[dict[str, str]], num_images: int) -> list[dict[str, str]]:
-        """Checks the `<image>` placeholders; a conversation with none gets them before its first user turn."""
+        """Checks the `<image>` placeholders; a conversation with none gets them in its first user turn, before its
+        text (or after it, with `images_after_text`)."""
         found = sum(m["content"].count(self.image_token) for m in messages)
         if found == num_images:
             return messages
@@ -162,9 +168,9 @@ class Processor:
             first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
             if first_user is not None:
                 messages = [dict(m) for m in messages]
-                messages[first_user]["content"] = (self.image_token + "\n") * num_images + messages[first_user][
-                    "content"
-                ]
+                text, token = messages[first_user]["content"], self.image_token
+                after = text + f"\n{token}" * num_images
+                messages[first_user]["content"] = after if self.images_after_text else f"{token}\n" * num_images + text
                 return messages
         raise VLMError(f"the conversation has {found} {self.image_token} placeholders for {num_images} images")
 
