@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -153,6 +154,10 @@ def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path, small_data):
     records = [json.loads((tmp_path / run / "model" / "training.json").read_text()) for run in ("a", "b")]
     assert [r["steps"] for r in records] == [16, 16] and [r["epochs_seen"] for r in records] == [2.667, 2.667]
     assert records[1]["data"] == records[0]["data"] and records[1]["data"]["train"][0]["rows"] == 48
+    # The log keeps what the crashed part wrote (the resumed part starts at step 8) and adds the rest.
+    with open(tmp_path / "b" / "metrics.csv", newline="") as f:
+        logged = {int(row["step"]) for row in csv.DictReader(f) if row.get("step")}
+    assert min(logged) < 8 and max(logged) >= 14
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     print(f"resumed vs uninterrupted: largest parameter difference {worst}")

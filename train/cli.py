@@ -10,6 +10,7 @@ One run is one folder, `--trainer.default_root_dir` (default: the working direct
 
 from __future__ import annotations
 
+import csv
 import os
 import sys
 import warnings
@@ -18,7 +19,9 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from train.callbacks import AtomicCheckpointIO
@@ -31,10 +34,32 @@ SUBCOMMANDS = ("fit", "validate")
 DEFAULT_CHECKPOINT_EVERY = 500
 
 
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv when it starts; this one appends to it, under its
+    header (new columns still rewrite the file with the old rows kept), so a resumed run keeps its history."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = next(csv.reader(file), [])
+
+
+class AppendingCSVLogger(CSVLogger):
+    """A CSVLogger whose metrics.csv survives a resume (see `_AppendingWriter`)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 def default_loggers(root: str) -> list:
     """CSV (first: it decides `trainer.log_dir`, hence where config.yaml and checkpoints/ go) and TensorBoard, both
     with a fixed version so that a resumed run keeps writing to the same folder."""
-    return [CSVLogger(root, name="", version=""), TensorBoardLogger(root, name="tensorboard", version="")]
+    return [AppendingCSVLogger(root, name="", version=""), TensorBoardLogger(root, name="tensorboard", version="")]
 
 
 class VLMCLI(LightningCLI):
