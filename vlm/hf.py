@@ -46,7 +46,8 @@ _PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}
 
 # The exported chat template turns transformers' list-of-parts message content (what pipelines and
 # `apply_chat_template` pass) into the plain text vlm's template expects: one "<image>\n" per image, then the
-# text, which is where vlm's processor puts image placeholders. One line: it must render nothing itself.
+# text, which is where vlm's processor puts image placeholders (`_list_to_text` swaps the order for a model with
+# `images_after_text`). One line: it must render nothing itself.
 _LIST_TO_TEXT = (
     "{%- set vlm_ns = namespace(messages=[]) -%}{%- for m in messages -%}"
     "{%- if m['content'] is string -%}{%- set vlm_ns.messages = vlm_ns.messages + [m] -%}"
