@@ -31,8 +31,8 @@ _PROCESSOR_FILE = "processor_config.json"
 PARTS = ("encoder", "projector", "decoder")
 # The parts of a `vlm eval` report an eval_results.json entry keeps (not the per-row failures).
 _RESULT_KEYS = (
-    "data", "task", "num_rows", "num_scored", "num_failed", "metrics", "by_type", "type_counts", "by_subtype",
-    "subtype_counts", "notes",
+    "data", "task", "answer_regex", "num_rows", "num_scored", "num_failed", "metrics", "by_type", "type_counts",
+    "by_subtype", "subtype_counts", "notes",
     "generation", "dtype", "evaluated_at",
 )  # fmt: skip
 
@@ -97,8 +97,15 @@ def read_eval_results(model_dir: str | Path) -> dict[str, dict[str, Any]]:
     return results
 
 
+def result_key(report: dict[str, Any]) -> str:
+    """The key of a report in eval_results.json: its data, plus the answer regex it was scored with, if any."""
+    regex = report.get("answer_regex")
+    return str(report["data"]) + (f" | answer_regex {regex}" if regex else "")
+
+
 def record_eval_result(model_dir: str | Path, report: dict[str, Any], digest: str | None = None) -> None:
-    """Stores a `vlm eval` report in the folder's eval_results.json, replacing any earlier one for the same data."""
+    """Stores a `vlm eval` report in the folder's eval_results.json, replacing any earlier one for the same data
+    (scored the same way: see :func:`result_key`)."""
     model_dir = Path(model_dir)
     missing = [k for k in ("data", "task", "metrics") if k not in report]
     if missing:
@@ -106,7 +113,7 @@ def record_eval_result(model_dir: str | Path, report: dict[str, Any], digest: st
     results = read_eval_results(model_dir)
     entry = {k: report[k] for k in _RESULT_KEYS if k in report}
     entry["weights_sha256"] = digest or weights_digest(model_dir)
-    results[str(report["data"])] = entry
+    results[result_key(report)] = entry
     text = json.dumps({"format_version": 1, "results": results}, indent=2, ensure_ascii=False) + "\n"
     _write_atomic(model_dir / EVAL_RESULTS_FILE, text)
 
@@ -324,7 +331,8 @@ def _evaluation(results: dict[str, dict[str, Any]], digest: str) -> list[str]:
             "",
             f"### `{data}`",
             "",
-            f"Task {r.get('task')}; {r.get('num_rows')} rows, {r.get('num_scored')} scored, "
+            (f"Scored on the last match of `{r['answer_regex']}` in each answer. " if r.get("answer_regex") else "")
+            + f"Task {r.get('task')}; {r.get('num_rows')} rows, {r.get('num_scored')} scored, "
             f"{r.get('num_failed')} failed; evaluated {r.get('evaluated_at', '?')}"
             + (f", {r['dtype']}" if r.get("dtype") else "")
             + (f", generation {_kv(r['generation'])}" if r.get("generation") else "")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -46,6 +47,16 @@ class _Data:
     name: str  # the data, resolved: the key of a checkpoint's eval results
 
 
+def data_name(path: Path) -> str:
+    """How a report names a data file or folder: relative to the working directory when it lies under it (so a
+    checkpoint's recorded results read the same on every machine), else its absolute path."""
+    full = path.resolve()
+    try:
+        return full.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(full)
+
+
 def _jsonl_data(path: Path, caption_prompt: str, limit: int | None) -> _Data:
     from vlm.data import RowError, read_jsonl
 
@@ -60,7 +71,7 @@ def _jsonl_data(path: Path, caption_prompt: str, limit: int | None) -> _Data:
         else:
             items.append(Item(ex.row, ex.images, ex.prompt))
             scorable.append(True)
-    return _Data(items, scorable, where, str(path.resolve()))
+    return _Data(items, scorable, where, data_name(path))
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
@@ -102,7 +113,7 @@ def _dataset_data(spec: str, split: str, columns: dict[str, str], caption_prompt
             row.pop("image", None)  # the stand-in names of in-memory images mean nothing outside this run
         items.append(Item(row, [], ex.prompt, source=lambda images=images: load_row_images(images)))
         scorable.append(True)
-    name = str(Path(spec).resolve()) if Path(spec).exists() else spec
+    name = data_name(Path(spec)) if Path(spec).exists() else spec
     return _Data(items, scorable, where, name if Path(spec).is_file() else f"{name}[{split}]")
 
 
@@ -174,12 +185,35 @@ def _apply_predictions(path: str, data: _Data) -> None:
             item.prediction = value
 
 
-def _write_predictions(path: Path, items: list[Item]) -> None:
-    """Each data row plus its "prediction" (null and an "error" for a failed row), in data order; atomic."""
+def _compile_answer_regex(pattern: str) -> re.Pattern[str]:
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise VLMError(f"answer_regex {pattern!r} is not a regular expression: {e}") from None
+    if rx.groups > 1:
+        raise VLMError(f"answer_regex {pattern!r} has {rx.groups} groups; give at most one (the answer)")
+    return rx
+
+
+def extract_answer(prediction: str, rx: re.Pattern[str]) -> str:
+    """The part of a prediction that is scored under ``--answer_regex``: the last match of ``rx`` (its group when it
+    has one), or "" when nothing matches (so the row scores as wrong)."""
+    matches = list(rx.finditer(prediction))
+    if not matches:
+        return ""
+    last = matches[-1]
+    return (last.group(1) if rx.groups else last.group(0)) or ""
+
+
+def _write_predictions(path: Path, items: list[Item], rx: re.Pattern[str] | None) -> None:
+    """Each data row plus its "prediction" (null and an "error" for a failed row), in data order; atomic. Under
+    ``--answer_regex`` a row also has the "scored" part of its prediction."""
     tmp = path.with_name(path.name + ".partial")
     with tmp.open("w", encoding="utf-8") as f:
         for it in items:
             row = {**it.row, "prediction": it.prediction if it.error is None else None}
+            if rx is not None and it.error is None:
+                row["scored"] = extract_answer(it.prediction, rx)
             if it.error is not None:
                 row["error"] = it.error
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -216,8 +250,9 @@ def summary_table(report: dict[str, Any]) -> str:
     cols = [max(len(n), 8) for n in names]
     source = f"model {report['model']}" if report.get("model") else f"predictions {report['predictions_from']}"
     timing = report["timing"]
+    regex = f" | answer_regex {report['answer_regex']}" if report.get("answer_regex") else ""
     lines = [
-        f"{source} | data {report['data']} | task {report['task']}",
+        f"{source} | data {report['data']} | task {report['task']}{regex}",
         f"{report['num_rows']} rows: {report['num_scored']} scored, {report['num_failed']} failed"
         + (f" | {timing['total_s']:.1f} s" if timing.get("total_s") is not None else ""),
         "",
@@ -243,6 +278,7 @@ def evaluate(
     split: str = "test",
     columns: dict[str, str] | None = None,
     update_card: bool = True,
+    answer_regex: str | None = None,
     gen: GenerationOptions | None = None,
 ) -> int:
     """Score a model on a benchmark: VQA accuracy / exact match, or BLEU, ROUGE-L, CIDEr and METEOR for captions.
@@ -269,6 +305,10 @@ def evaluate(
         split: The split of a dataset to evaluate.
         columns: For datasets: field -> dataset column, e.g. {image: img, answer: label}.
         update_card: Record the results in the checkpoint folder and regenerate its model card.
+        answer_regex: Score only the last match of this regular expression in each prediction (its group, if it has
+            one), e.g. '(\\S+)$' for the last word of a model that explains its answers before giving them; a
+            prediction without a match scores as wrong. The predictions file keeps the whole prediction and the
+            "scored" part.
         gen: Generation options.
     """
     start = time.perf_counter()
@@ -280,6 +320,7 @@ def evaluate(
         raise VLMError("limit must be at least 1")
     if batch_size < 1:
         raise VLMError("batch_size must be at least 1")
+    rx = _compile_answer_regex(answer_regex) if answer_regex is not None else None
     if data.endswith(".jsonl") and not Path(data).is_file():  # before the model loads for nothing
         raise VLMError(f"data file not found: {data}")
     gen = gen or GenerationOptions()
@@ -308,7 +349,10 @@ def evaluate(
     from eval.metrics import score
 
     scored = [it for it, ok in zip(rows.items, rows.scorable, strict=True) if ok]
-    result = score(task, [it.row for it in scored], [it.prediction if it.error is None else "" for it in scored])
+    answers = [it.prediction if it.error is None else "" for it in scored]
+    if rx is not None:
+        answers = [extract_answer(a, rx) for a in answers]
+    result = score(task, [it.row for it in scored], answers)
     done = time.perf_counter()
 
     failures = [
@@ -321,6 +365,7 @@ def evaluate(
         "predictions_from": predictions,
         "data": rows.name,
         "task": task,
+        "answer_regex": answer_regex,
         "num_rows": len(rows.items),
         "num_scored": len(scored),
         "num_failed": len(failures),
@@ -350,7 +395,7 @@ def evaluate(
         out = Path(output)
         out.parent.mkdir(parents=True, exist_ok=True)
         report["predictions"] = str(predictions_path(out))
-        _write_predictions(predictions_path(out), rows.items)
+        _write_predictions(predictions_path(out), rows.items, rx)
         _write_json(out, report)
     print(summary_table(report))
 

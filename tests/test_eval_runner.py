@@ -125,6 +125,64 @@ def test_predictions_mode_gives_the_hand_computed_metrics(shapes: Path, tmp_path
     assert report["model"] is None and report["predictions_from"] == str(preds) and report["generation"] is None
 
 
+def test_answer_regex_scores_the_last_match(shapes: Path, tmp_path: Path) -> None:
+    data = shapes / "test.jsonl"
+    rows = _read_jsonl(data)
+    # Explained answers end in the right one; every 5th row's final word is wrong; every 7th has no word at all.
+    preds = []
+    for i, r in enumerate(rows):
+        final = "wrong" if i % 5 == 0 else r["answer"]
+        preds.append({"prediction": "..." if i % 7 == 0 else f"the gray {final}"})
+    file = tmp_path / "preds.jsonl"
+    file.write_text("".join(json.dumps(p) + "\n" for p in preds))
+    right = sum(i % 5 != 0 and i % 7 != 0 for i in range(len(rows))) / len(rows)
+
+    out = tmp_path / "last_word.json"
+    assert evaluate(data=str(data), predictions=str(file), output=str(out), answer_regex=r"(\w+)$") == 0
+    report = json.loads(out.read_text())
+    assert report["metrics"]["exact_match"] == pytest.approx(right) and report["answer_regex"] == r"(\w+)$"
+    scored = [p["scored"] for p in _read_jsonl(predictions_path(out))]
+    assert scored[1] == rows[1]["answer"] and scored[5] == "wrong" and scored[7] == ""
+    # Without a group the whole match is scored; without the regex the whole prediction is (and nothing is right).
+    assert evaluate(data=str(data), predictions=str(file), output=str(out), answer_regex=r"\w+$") == 0
+    assert json.loads(out.read_text())["metrics"]["exact_match"] == pytest.approx(right)
+    assert evaluate(data=str(data), predictions=str(file), output=str(out)) == 0
+    report = json.loads(out.read_text())
+    assert report["metrics"]["exact_match"] == 0.0 and report["answer_regex"] is None
+    assert "scored" not in _read_jsonl(predictions_path(out))[0]
+
+
+def test_answer_regex_results_are_kept_apart_in_the_model_card(ckpt: Path, shapes: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from eval.model_card import read_eval_results
+
+    model = tmp_path / "model"
+    shutil.copytree(ckpt, model)
+    data = str(shapes / "test.jsonl")
+    assert evaluate(model=str(model), data=data, gen=GEN) == 0
+    assert evaluate(model=str(model), data=data, gen=GEN, answer_regex=r"(\S+)$") == 0
+    results = read_eval_results(model)
+    assert set(results) == {data, data + r" | answer_regex (\S+)$"}
+    assert results[data + r" | answer_regex (\S+)$"]["answer_regex"] == r"(\S+)$"
+    assert r"Scored on the last match of `(\S+)$`" in (model / "README.md").read_text()
+
+
+def test_data_under_the_working_directory_is_named_relative_to_it(
+    shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = _read_jsonl(shapes / "test.jsonl")
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("".join(json.dumps({"prediction": r["answer"]}) + "\n" for r in rows))
+    out = tmp_path / "report.json"
+    monkeypatch.chdir(shapes.parent)
+    assert evaluate(data=str(shapes / "test.jsonl"), predictions=str(preds), output=str(out)) == 0
+    assert json.loads(out.read_text())["data"] == f"{shapes.name}/test.jsonl"  # the same on any machine
+    monkeypatch.chdir(tmp_path)  # outside it: the absolute path
+    assert evaluate(data=str(shapes / "test.jsonl"), predictions=str(preds), output=str(out)) == 0
+    assert json.loads(out.read_text())["data"] == str((shapes / "test.jsonl").resolve())
+
+
 def test_predictions_row_count_must_match(shapes: Path, tmp_path: Path) -> None:
     preds = tmp_path / "short.jsonl"
     preds.write_text(json.dumps({"prediction": "square"}) + "\n")
@@ -285,6 +343,10 @@ def test_bad_requests_are_one_line_errors(ckpt: Path, shapes: Path) -> None:
         evaluate(model=str(ckpt), data="nope.jsonl")
     with pytest.raises(VLMError, match="--columns is for datasets"):
         evaluate(model=str(ckpt), data=data, columns={"image": "img"})
+    with pytest.raises(VLMError, match="not a regular expression"):
+        evaluate(model=str(ckpt), data=data, answer_regex="(")
+    with pytest.raises(VLMError, match="at most one"):
+        evaluate(model=str(ckpt), data=data, answer_regex=r"(\w+) (\w+)")
 
 
 def test_model_defaults_to_the_default_checkpoint(
