@@ -189,16 +189,19 @@ def _dist2(a: Obj, b: Obj) -> int:
     return (a.center[0] - b.center[0]) ** 2 + (a.center[1] - b.center[1]) ** 2
 
 
-def answer_question(scene: list[Obj], color: str, subtype: str) -> str:
+def answer_question(scene: list[Obj], color: str, subtype: str, explain: bool = False) -> str:
     """Compute the answer to a Sort-of-CLEVR question about the object of a given colour.
 
     Args:
         scene: The scene's objects.
         color: Colour of the object the question is about.
         subtype: One of :data:`NON_RELATIONAL_SUBTYPES` or :data:`RELATIONAL_SUBTYPES`.
+        explain: Name the step before the answer in relational answers: the colour of the closest/furthest object
+            (``"blue circle"``), or the shape being counted (``"squares: 3"``). The last word is always the plain
+            answer; non-relational answers are the same either way.
 
     Returns:
-        The one-word, lower-case answer.
+        The lower-case answer: one word, or with ``explain`` two words ending in the one-word answer.
     """
     x = _find(scene, color)
     others = [o for o in scene if o is not x]
@@ -209,16 +212,17 @@ def answer_question(scene: list[Obj], color: str, subtype: str) -> str:
         return "left" if x.center[0] < _MID else "right"
     if subtype == "vertical":
         return "top" if x.center[1] < _MID else "bottom"
-    if subtype == "closest_shape":
-        return min(others, key=lambda o: _dist2(x, o)).shape
-    if subtype == "furthest_shape":
-        return max(others, key=lambda o: _dist2(x, o)).shape
+    if subtype in ("closest_shape", "furthest_shape"):
+        pick = min if subtype == "closest_shape" else max
+        y = pick(others, key=lambda o: _dist2(x, o))
+        return f"{y.color} {y.shape}" if explain else y.shape
     if subtype == "count":
-        return str(sum(o.shape == x.shape for o in scene))
+        n = str(sum(o.shape == x.shape for o in scene))
+        return f"{x.shape}s: {n}" if explain else n
     raise ValueError(f"unknown question subtype {subtype!r}")
 
 
-def questions_for_scene(scene: list[Obj], rng: np.random.Generator) -> list[dict[str, str]]:
+def questions_for_scene(scene: list[Obj], rng: np.random.Generator, explain: bool = False) -> list[dict[str, str]]:
     """Draw the 10 non-relational and then the 10 relational questions for a scene.
 
     For each question the colour and the sub-type are drawn uniformly, as in the paper.
@@ -226,6 +230,7 @@ def questions_for_scene(scene: list[Obj], rng: np.random.Generator) -> list[dict
     Args:
         scene: The scene's objects.
         rng: Random generator used to pick colours and sub-types.
+        explain: Explained relational answers (see :func:`answer_question`); the questions are the same either way.
 
     Returns:
         20 dicts with keys ``question``, ``answer``, ``type`` (``"non_relational"`` or ``"relational"``) and
@@ -241,7 +246,7 @@ def questions_for_scene(scene: list[Obj], rng: np.random.Generator) -> list[dict
             rows.append(
                 {
                     "question": _TEMPLATES[subtype].format(c=color),
-                    "answer": answer_question(scene, color, subtype),
+                    "answer": answer_question(scene, color, subtype, explain),
                     "type": qtype,
                     "subtype": subtype,
                 }
@@ -351,7 +356,9 @@ def image_name(split: str, index: int) -> str:
     return f"images/{split}_{index:05d}.png"
 
 
-def generate_shapes(out: str | Path, train: int = 10000, val: int = 200, test: int = 200, seed: int = 0) -> dict:
+def generate_shapes(
+    out: str | Path, train: int = 10000, val: int = 200, test: int = 200, seed: int = 0, explain: bool = False
+) -> dict:
     """Generate the Sort-of-CLEVR benchmark (Santoro et al. 2017) as PNG images and JSONL files.
 
     Writes ``images/{split}_{index:05d}.png``, question files ``{split}.jsonl`` (20 questions per image: 10
@@ -368,6 +375,9 @@ def generate_shapes(out: str | Path, train: int = 10000, val: int = 200, test: i
         val: Number of validation images.
         test: Number of test images.
         seed: Random seed (non-negative integer); each split uses its own independent stream derived from it.
+        explain: Relational answers name the step before the answer, e.g. ``"blue circle"`` for the shape of the object
+            closest to red and ``"squares: 3"`` for a count (see :func:`answer_question`). The images, questions and
+            captions are the same as without it; the last word of every answer is the paper's answer.
 
     Returns:
         Summary dict: ``out``, ``seed``, and per split (``splits[name]``) the numbers of ``images``, ``questions``
@@ -381,13 +391,21 @@ def generate_shapes(out: str | Path, train: int = 10000, val: int = 200, test: i
         raise ValueError(f"out must be a non-empty path, got {out!r}")
     counts = {name: _check_int(name, value) for name, value in zip(SPLITS, (train, val, test), strict=True)}
     seed = _check_int("seed", seed)
+    if not isinstance(explain, bool):
+        raise ValueError(f"explain must be true or false, got {explain!r}")
 
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out must be a folder, but {out_dir} is a file")
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
 
-    summary: dict[str, Any] = {"out": str(out_dir), "seed": seed, "images_dir": str(out_dir / "images"), "splits": {}}
+    summary: dict[str, Any] = {
+        "out": str(out_dir),
+        "seed": seed,
+        "explain": explain,
+        "images_dir": str(out_dir / "images"),
+        "splits": {},
+    }
     for split, n in counts.items():
         q_path = out_dir / f"{split}.jsonl"
         c_path = out_dir / f"{split}_captions.jsonl"
@@ -405,7 +423,7 @@ def generate_shapes(out: str | Path, train: int = 10000, val: int = 200, test: i
                 scene = random_scene(rng)
                 rel = image_name(split, index)
                 render_scene(scene).save(out_dir / rel, format="PNG")
-                questions = questions_for_scene(scene, rng)
+                questions = questions_for_scene(scene, rng, explain)
                 for row in questions:
                     line = json.dumps({"image": rel, **row}) + "\n"
                     fq.write(line)

@@ -223,6 +223,49 @@ def test_scenes_are_valid_and_unambiguous() -> None:
         assert {o["count"] for o in objects.values() if o["shape"] == "square"} <= {121}
 
 
+def _explained_from_pixels(objects: dict[str, dict], color: str, subtype: str) -> str:
+    """The explained answer from pixels alone: the colour of the closest/furthest object, or the counted shape."""
+    x = objects[color]
+    if subtype in ("closest_shape", "furthest_shape"):
+        cx, cy = x["center"]
+        dist = {n: (o["center"][0] - cx) ** 2 + (o["center"][1] - cy) ** 2 for n, o in objects.items() if n != color}
+        name = (min if subtype == "closest_shape" else max)(dist, key=dist.__getitem__)
+        return f"{name} {objects[name]['shape']}"
+    if subtype == "count":
+        return f"{x['shape']}s: {_answer_from_pixels(objects, color, subtype)}"
+    return _answer_from_pixels(objects, color, subtype)
+
+
+def test_explained_answers_match_the_pixels(dataset: tuple[Path, dict], tmp_path: Path) -> None:
+    out, _ = dataset
+    summary = generate_shapes(tmp_path, seed=SEED, explain=True, **COUNTS)
+    assert summary["explain"] is True
+    # The same benchmark: images, captions and questions are those written without explain.
+    plain, explained = _all_files(out), _all_files(tmp_path)
+    assert set(plain) == set(explained)
+    for name in plain:
+        if name.startswith("images/") or "captions" in name:
+            assert explained[name] == plain[name], name
+    checked = 0
+    for split in SPLITS:
+        rows, plain_rows = _read_jsonl(tmp_path / f"{split}.jsonl"), _read_jsonl(out / f"{split}.jsonl")
+        assert len(rows) == len(plain_rows)
+        for row, plain_row in zip(rows, plain_rows, strict=True):
+            assert {k: v for k, v in row.items() if k != "answer"} == {
+                k: v for k, v in plain_row.items() if k != "answer"
+            }
+            objects = _pixel_objects(Image.open(tmp_path / row["image"]))
+            assert row["answer"] == _explained_from_pixels(objects, _color_in(row["question"]), row["subtype"])
+            # The last word is the paper's answer; relational answers have one more word before it.
+            assert row["answer"].split()[-1] == plain_row["answer"]
+            assert len(row["answer"].split()) == (2 if row["type"] == "relational" else 1)
+            checked += 1
+    assert checked == 20 * sum(COUNTS.values())
+    chat = _read_jsonl(tmp_path / "train_chat.jsonl")
+    explained_turns = {t["content"] for r in chat for t in r["conversations"] if t["role"] == "assistant"}
+    assert any(":" in a for a in explained_turns) and any(a.split()[0] in COLOR_NAMES for a in explained_turns)
+
+
 def test_question_colours_and_subtypes_are_uniform() -> None:
     rng = np.random.default_rng(0)
     colors: dict[str, int] = {}
@@ -296,6 +339,7 @@ def test_caption_scores_read_back_every_caption(dataset: tuple[Path, dict]) -> N
         ({"seed": None}, "seed"),
         ({"out": None}, "out"),
         ({"out": ""}, "out"),
+        ({"explain": "yes"}, "explain"),
     ],
 )
 def test_bad_arguments_raise_value_error(tmp_path: Path, kwargs: dict, name: str) -> None:
