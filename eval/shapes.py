@@ -222,6 +222,22 @@ def answer_question(scene: list[Obj], color: str, subtype: str, explain: bool = 
     raise ValueError(f"unknown question subtype {subtype!r}")
 
 
+def distance_rank(scene: list[Obj], color: str, named: str) -> int:
+    """Where the object of colour ``named`` stands among the others when they are sorted by their distance from the
+    ``color`` object: 0 is the closest, 4 the furthest. Reads an explained answer ("blue circle") back against the
+    scene, to see whether a model that names the wrong object at least names a near (or far) one.
+
+    Raises:
+        ValueError: If ``named`` is ``color`` itself or not in the scene.
+    """
+    x = _find(scene, color)
+    others = sorted((o for o in scene if o is not x), key=lambda o: _dist2(x, o))
+    for rank, o in enumerate(others):
+        if o.color == named:
+            return rank
+    raise ValueError(f"{named!r} is not one of the other objects of the {color} object's scene")
+
+
 def questions_for_scene(scene: list[Obj], rng: np.random.Generator, explain: bool = False) -> list[dict[str, str]]:
     """Draw the 10 non-relational and then the 10 relational questions for a scene.
 
@@ -465,6 +481,7 @@ __all__ = [
     "Obj",
     "answer_question",
     "caption_for_scene",
+    "distance_rank",
     "generate_shapes",
     "image_name",
     "position_words",

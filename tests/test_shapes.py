@@ -25,6 +25,7 @@ from eval.shapes import (
     answer_question,
     caption_for_scene,
     caption_scores,
+    distance_rank,
     generate_shapes,
     questions_for_scene,
     random_scene,
@@ -260,7 +261,24 @@ def test_explained_answers_match_the_pixels(dataset: tuple[Path, dict], tmp_path
             assert row["answer"].split()[-1] == plain_row["answer"]
             assert len(row["answer"].split()) == (2 if row["type"] == "relational" else 1)
             checked += 1
+            if row["subtype"] in ("closest_shape", "furthest_shape"):  # distance_rank reads the answer back
+                scene = scene_for(split, int(row["image"][-9:-4]), SEED)
+                rank = distance_rank(scene, _color_in(row["question"]), row["answer"].split()[0])
+                assert rank == (0 if row["subtype"] == "closest_shape" else 4)
     assert checked == 20 * sum(COUNTS.values())
+    scene = scene_for("train", 0, SEED)
+    for x in scene:
+        ranks = {o.color: distance_rank(scene, x.color, o.color) for o in scene if o is not x}
+        by_rank = sorted(ranks, key=ranks.__getitem__)
+        d2 = [
+            (o.center[0] - x.center[0]) ** 2 + (o.center[1] - x.center[1]) ** 2
+            for c in by_rank
+            for o in scene
+            if o.color == c
+        ]
+        assert sorted(ranks.values()) == [0, 1, 2, 3, 4] and d2 == sorted(d2)
+    with pytest.raises(ValueError, match="not one of the other"):
+        distance_rank(scene, "red", "red")
     chat = _read_jsonl(tmp_path / "train_chat.jsonl")
     explained_turns = {t["content"] for r in chat for t in r["conversations"] if t["role"] == "assistant"}
     assert any(":" in a for a in explained_turns) and any(a.split()[0] in COLOR_NAMES for a in explained_turns)
