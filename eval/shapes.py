@@ -238,7 +238,9 @@ def distance_rank(scene: list[Obj], color: str, named: str) -> int:
     raise ValueError(f"{named!r} is not one of the other objects of the {color} object's scene")
 
 
-def questions_for_scene(scene: list[Obj], rng: np.random.Generator, explain: bool = False) -> list[dict[str, str]]:
+def questions_for_scene(
+    scene: list[Obj], rng: np.random.Generator, explain: tuple[str, ...] = ()
+) -> list[dict[str, str]]:
     """Draw the 10 non-relational and then the 10 relational questions for a scene.
 
     For each question the colour and the sub-type are drawn uniformly, as in the paper.
@@ -246,7 +248,8 @@ def questions_for_scene(scene: list[Obj], rng: np.random.Generator, explain: boo
     Args:
         scene: The scene's objects.
         rng: Random generator used to pick colours and sub-types.
-        explain: Explained relational answers (see :func:`answer_question`); the questions are the same either way.
+        explain: The relational subtypes whose answers are explained (see :func:`answer_question`); the questions
+            are the same either way.
 
     Returns:
         20 dicts with keys ``question``, ``answer``, ``type`` (``"non_relational"`` or ``"relational"``) and
@@ -262,7 +265,7 @@ def questions_for_scene(scene: list[Obj], rng: np.random.Generator, explain: boo
             rows.append(
                 {
                     "question": _TEMPLATES[subtype].format(c=color),
-                    "answer": answer_question(scene, color, subtype, explain),
+                    "answer": answer_question(scene, color, subtype, subtype in explain),
                     "type": qtype,
                     "subtype": subtype,
                 }
@@ -338,6 +341,19 @@ def caption_scores(prediction: str, reference: str) -> dict[str, float]:
     }
 
 
+def _explained_subtypes(explain: Any) -> tuple[str, ...]:
+    if isinstance(explain, bool):
+        return RELATIONAL_SUBTYPES if explain else ()
+    if isinstance(explain, str) and explain.strip():
+        explain = [x.strip() for x in explain.split(",")]
+    if isinstance(explain, (list, tuple)) and all(isinstance(x, str) for x in explain):
+        unknown = [x for x in explain if x not in RELATIONAL_SUBTYPES]
+        if not unknown:
+            return tuple(x for x in RELATIONAL_SUBTYPES if x in explain)
+    choices = ", ".join(RELATIONAL_SUBTYPES)
+    raise ValueError(f"explain must be true, false or a list of relational subtypes ({choices}), got {explain!r}")
+
+
 def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
     # Same stream as SeedSequence(seed).spawn(3)[split_id].spawn(n)[index]: independent per split and per image.
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(SPLITS.index(split), index)))
@@ -373,7 +389,12 @@ def image_name(split: str, index: int) -> str:
 
 
 def generate_shapes(
-    out: str | Path, train: int = 10000, val: int = 200, test: int = 200, seed: int = 0, explain: bool = False
+    out: str | Path,
+    train: int = 10000,
+    val: int = 200,
+    test: int = 200,
+    seed: int = 0,
+    explain: bool | list[str] | str = False,
 ) -> dict:
     """Generate the Sort-of-CLEVR benchmark (Santoro et al. 2017) as PNG images and JSONL files.
 
@@ -392,8 +413,9 @@ def generate_shapes(
         test: Number of test images.
         seed: Random seed (non-negative integer); each split uses its own independent stream derived from it.
         explain: Relational answers name the step before the answer, e.g. ``"blue circle"`` for the shape of the object
-            closest to red and ``"squares: 3"`` for a count (see :func:`answer_question`). The images, questions and
-            captions are the same as without it; the last word of every answer is the paper's answer.
+            closest to red and ``"squares: 3"`` for a count (see :func:`answer_question`): true for every relational
+            subtype, or a list of them (``[count]``, or as text: ``count`` or ``count,closest_shape``). The images, questions and captions are the same as without it;
+            the last word of every answer is the paper's answer.
 
     Returns:
         Summary dict: ``out``, ``seed``, and per split (``splits[name]``) the numbers of ``images``, ``questions``
@@ -407,8 +429,7 @@ def generate_shapes(
         raise ValueError(f"out must be a non-empty path, got {out!r}")
     counts = {name: _check_int(name, value) for name, value in zip(SPLITS, (train, val, test), strict=True)}
     seed = _check_int("seed", seed)
-    if not isinstance(explain, bool):
-        raise ValueError(f"explain must be true or false, got {explain!r}")
+    explained = _explained_subtypes(explain)
 
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
@@ -418,7 +439,7 @@ def generate_shapes(
     summary: dict[str, Any] = {
         "out": str(out_dir),
         "seed": seed,
-        "explain": explain,
+        "explain": list(explained),
         "images_dir": str(out_dir / "images"),
         "splits": {},
     }
@@ -439,7 +460,7 @@ def generate_shapes(
                 scene = random_scene(rng)
                 rel = image_name(split, index)
                 render_scene(scene).save(out_dir / rel, format="PNG")
-                questions = questions_for_scene(scene, rng, explain)
+                questions = questions_for_scene(scene, rng, explained)
                 for row in questions:
                     line = json.dumps({"image": rel, **row}) + "\n"
                     fq.write(line)

@@ -240,7 +240,7 @@ def _explained_from_pixels(objects: dict[str, dict], color: str, subtype: str) -
 def test_explained_answers_match_the_pixels(dataset: tuple[Path, dict], tmp_path: Path) -> None:
     out, _ = dataset
     summary = generate_shapes(tmp_path, seed=SEED, explain=True, **COUNTS)
-    assert summary["explain"] is True
+    assert summary["explain"] == list(RELATIONAL_SUBTYPES)
     # The same benchmark: images, captions and questions are those written without explain.
     plain, explained = _all_files(out), _all_files(tmp_path)
     assert set(plain) == set(explained)
@@ -282,6 +282,20 @@ def test_explained_answers_match_the_pixels(dataset: tuple[Path, dict], tmp_path
     chat = _read_jsonl(tmp_path / "train_chat.jsonl")
     explained_turns = {t["content"] for r in chat for t in r["conversations"] if t["role"] == "assistant"}
     assert any(":" in a for a in explained_turns) and any(a.split()[0] in COLOR_NAMES for a in explained_turns)
+
+
+def test_explain_can_name_the_subtypes(dataset: tuple[Path, dict], tmp_path: Path) -> None:
+    out, _ = dataset
+    for explain in (["count"], "count"):
+        summary = generate_shapes(tmp_path, seed=SEED, explain=explain, **COUNTS)
+        assert summary["explain"] == ["count"]
+        rows, plain_rows = _read_jsonl(tmp_path / "test.jsonl"), _read_jsonl(out / "test.jsonl")
+        for row, plain_row in zip(rows, plain_rows, strict=True):
+            if row["subtype"] == "count":
+                assert row["answer"].endswith(f"s: {plain_row['answer']}") and row["answer"] != plain_row["answer"]
+            else:
+                assert row["answer"] == plain_row["answer"]
+        assert {r["subtype"] for r in rows} >= {"count", "closest_shape"}
 
 
 def test_question_colours_and_subtypes_are_uniform() -> None:
@@ -358,6 +372,8 @@ def test_caption_scores_read_back_every_caption(dataset: tuple[Path, dict]) -> N
         ({"out": None}, "out"),
         ({"out": ""}, "out"),
         ({"explain": "yes"}, "explain"),
+        ({"explain": ["count", "shape"]}, "explain"),
+        ({"explain": 1}, "explain"),
     ],
 )
 def test_bad_arguments_raise_value_error(tmp_path: Path, kwargs: dict, name: str) -> None:
