@@ -414,8 +414,8 @@ def generate_shapes(
         seed: Random seed (non-negative integer); each split uses its own independent stream derived from it.
         explain: Relational answers name the step before the answer, e.g. ``"blue circle"`` for the shape of the object
             closest to red and ``"squares: 3"`` for a count (see :func:`answer_question`): true for every relational
-            subtype, or a list of them (``[count]``, or as text: ``count`` or ``count,closest_shape``). The images, questions and captions are the same as without it;
-            the last word of every answer is the paper's answer.
+            subtype, or a list of them (``[count]``, or as text: ``count`` or ``count,closest_shape``). The images,
+            questions and captions are the same as without it; the last word of every answer is the paper's answer.
 
     Returns:
         Summary dict: ``out``, ``seed``, and per split (``splits[name]``) the numbers of ``images``, ``questions``
