@@ -1,24 +1,29 @@
-"""The shipped default model (samples/shapes-model/: samples/configs/shapes.yaml, then shapes-stage2.yaml,
-shapes-stage3.yaml and shapes-stage4.yaml) on the sample images.
+"""The shipped default model (samples/shapes-model/: samples/configs/shapes.yaml, then shapes-stage2.yaml to
+shapes-stage4.yaml, shapes-stage5-explain.yaml and shapes-stage6.yaml) on the sample images.
 
 A real check of the real checkpoint on the CPU: samples/images/ holds test-split images (never trained on) with
-their true captions and answers. On the whole test split the model's captions give 99.75% of the objects' positions
-and 99.75% of their shapes right, and it answers 99.7% of the non-relational and 72.6% of the relational questions
-(README, "The shapes benchmark"). The bars here, on the four sample images: 90% of positions and 80% of shapes in the
-captions (a caption that ignores the image gets at best 13% of positions, every object "in the center", and 58% of
-shapes, every object a square); 95% of the 40 non-relational answers (each has two possible answers: guessing gets
-about half; the model gets 40); 65% of the 40 relational answers (the model gets 29; stage 3's model, at 54.8% on the
-test split, is the kind of model this bar rejects). The benchmark's relational target (95%) is not met yet."""
+their true captions and answers. On the whole test split the model's captions give 99.67% of the objects' positions
+and 99.92% of their shapes right, and it answers 99.95% of the non-relational and 79.1% of the relational questions
+(README, "The shapes benchmark"). It explains its counts ("squares: 3"), so answers are scored on their last word, as
+`vlm eval --answer_regex '(\S+)$'` scores them. The bars here, on the four sample images: 90% of positions and 80% of
+shapes in the captions (a caption that ignores the image gets at best 13% of positions, every object "in the center",
+and 58% of shapes, every object a square); 95% of the 40 non-relational answers (each has two possible answers:
+guessing gets about half; the model gets 40); 70% of the 40 relational answers (the model gets 31; stage 3's model,
+at 54.8% on the test split, is the kind of model this bar rejects); 90% of the 12 count questions (the model gets 12;
+stage 4's model, which answered the larger of the square and circle counts, gets 8). The benchmark's relational
+target (95%) is not met yet."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 from conftest import run_vlm
 
-from eval.shapes import caption_scores
+from eval.runner import extract_answer
+from eval.shapes import caption_facts, caption_scores
 from vlm.checkpoint import DEFAULT_MODEL_DIR, open_model
 from vlm.generation import GenerationOptions, generate_texts
 from vlm.images import load_image
@@ -29,7 +34,9 @@ CAPTIONS = {r["image"]: r["caption"] for r in ROWS if "caption" in r}
 MIN_POSITIONS = 0.9  # fraction of objects whose position phrase the caption gets right (see the module docstring)
 MIN_SHAPES = 0.8  # fraction of objects whose shape the caption gets right
 MIN_NON_RELATIONAL = 0.95  # fraction of the sample images' non-relational questions answered right
-MIN_RELATIONAL = 0.65  # fraction of their relational questions answered right
+MIN_RELATIONAL = 0.7  # fraction of their relational questions answered right
+MIN_COUNT = 0.9  # fraction of their count questions answered right
+LAST_WORD = re.compile(r"(\S+)$")  # what is scored: the count answers are explained ("squares: 3")
 
 
 @pytest.fixture(scope="module")
@@ -69,18 +76,47 @@ def test_readme_first_command_captions_with_the_default_model():
     assert caption_scores(caption, CAPTIONS["shapes_0.png"]) == {"shape": 1.0, "position": 1.0}, caption  # all right
 
 
-@pytest.mark.parametrize(("qtype", "bar"), [("non_relational", MIN_NON_RELATIONAL), ("relational", MIN_RELATIONAL)])
-def test_answers_the_sample_images_questions(default_model, qtype, bar):
+def _answers(default_model, rows: list[dict]) -> list[str]:
     model, processor = default_model
-    rows = [r for r in ROWS if r.get("type") == qtype]
-    assert len(rows) == 40
     answers = generate_texts(
         model,
         processor,
         [r["question"] for r in rows],
         [[load_image(SAMPLES / r["image"])] for r in rows],
-        GenerationOptions(max_new_tokens=4),
+        GenerationOptions(max_new_tokens=6),
     )
-    right = [a.strip() == r["answer"] for a, r in zip(answers, rows)]
+    return [extract_answer(a, LAST_WORD) for a in answers]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "n", "bar"),
+    [
+        ("type", "non_relational", 40, MIN_NON_RELATIONAL),
+        ("type", "relational", 40, MIN_RELATIONAL),
+        ("subtype", "count", 12, MIN_COUNT),
+    ],
+)
+def test_answers_the_sample_images_questions(default_model, field, value, n, bar):
+    rows = [r for r in ROWS if r.get(field) == value]
+    assert len(rows) == n
+    answers = _answers(default_model, rows)
+    right = [a == r["answer"] for a, r in zip(answers, rows)]
     wrong = [(r["image"], r["question"], a) for a, r, ok in zip(answers, rows, right) if not ok]
     assert sum(right) / len(rows) >= bar, wrong
+
+
+def test_counts_name_the_shape_they_count(default_model):
+    """The count answers say which shape they count, and it is the asked-about object's shape."""
+    model, processor = default_model
+    rows = [r for r in ROWS if r.get("subtype") == "count"]
+    shapes = {image: caption_facts(caption) for image, caption in CAPTIONS.items()}  # colour -> (shape, where)
+    answers = generate_texts(
+        model,
+        processor,
+        [r["question"] for r in rows],
+        [[load_image(SAMPLES / r["image"])] for r in rows],
+        GenerationOptions(max_new_tokens=6),
+    )
+    for a, r in zip(answers, rows):
+        color = r["question"].split("as the ")[1].split()[0]
+        assert a.split(":")[0] == shapes[r["image"]][color][0] + "s", (r["question"], a)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -29,6 +30,18 @@ def test_adapter_without_lmms_eval_says_how_to_install(monkeypatch: pytest.Monke
     monkeypatch.delitem(sys.modules, "eval.lmms_adapter", raising=False)
     with pytest.raises(VLMError, match=r"pip install 'vlm\[lmms\]'"):
         importlib.import_module("eval.lmms_adapter")
+
+
+def test_the_generation_task_scores_the_last_word() -> None:
+    """The shapes_vqa task's scoring (its utils.py, which lmms-eval imports by path) needs no lmms-eval to check."""
+    spec = importlib.util.spec_from_file_location("shapes_vqa_utils", TASKS / "shapes_vqa" / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    doc = {"answer": "3", "subtype": "count"}
+    assert utils.process_results(doc, ["squares: 3"]) == {"vqa_accuracy": 1.0, "exact_match": 1.0}
+    assert utils.process_results(doc, ["3"]) == {"vqa_accuracy": 1.0, "exact_match": 1.0}
+    assert utils.process_results(doc, ["3 squares"]) == {"vqa_accuracy": 0.0, "exact_match": 0.0}
+    assert utils.process_results(doc, [""]) == {"vqa_accuracy": 0.0, "exact_match": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +163,9 @@ def test_lmms_eval_runs_the_shipped_tasks(
     answers = [a[0] if isinstance(a, list) else a for a in answers]
     targets = [s["target"] for s in samples["shapes_vqa"]]
     assert len(answers) == 3
+    last_words = [a.split()[-1] if a.split() else "" for a in answers]  # what the task scores
     assert results["shapes_vqa"]["vqa_accuracy,none"] == pytest.approx(
-        sum(vqa_accuracy(a, [t]) for a, t in zip(answers, targets, strict=True)) / 3
+        sum(vqa_accuracy(a, [t]) for a, t in zip(last_words, targets, strict=True)) / 3
     )
 
     # Multiple choice: every choice's log-likelihood is the adapter's, and the most likely choice is the answer.
