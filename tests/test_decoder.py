@@ -29,12 +29,25 @@ def test_package_file_is_found_without_importing_the_package(tmp_path, monkeypat
     (pkg / "weights" / "model.gguf").write_bytes(b"GGUF")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert decoder.package_file("package:vlm_probe_pkg/weights/model.gguf") == pkg / "weights" / "model.gguf"
-    with pytest.raises(VLMError, match="no file 'weights/other.gguf' in package 'vlm_probe_pkg'"):
+    assert decoder.package_file("package:vlm_probe_pkg/weights") == pkg / "weights"  # a folder, e.g. a tokenizer
+    with pytest.raises(VLMError, match="no file or folder 'weights/other.gguf' in package 'vlm_probe_pkg'"):
         decoder.package_file("package:vlm_probe_pkg/weights/other.gguf")
     with pytest.raises(VLMError, match="package 'vlm_no_such_package' is not installed"):
         decoder.package_file("package:vlm_no_such_package/model.gguf")
     with pytest.raises(VLMError, match="bad package path"):
         decoder.package_file("package:vlm_probe_pkg")
+
+
+def test_the_presets_tokenizer_is_named_without_a_machine_path():
+    from vlm.config import TINY_TOKENIZER
+
+    config = VLMConfig.from_name("shapes")
+    assert config.decoder.tokenizer == TINY_TOKENIZER == "package:vlm/assets/tiny_tokenizer"
+    assert decoder.package_file(TINY_TOKENIZER) == Path(decoder.__file__).parent / "assets" / "tiny_tokenizer"
+    assert (
+        decoder.load_tokenizer(TINY_TOKENIZER).convert_tokens_to_ids("circle")
+        != decoder.load_tokenizer(TINY_TOKENIZER).unk_token_id
+    )
 
 
 def test_sources_that_need_no_conversion_pass_through(tmp_path):

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from vlm.errors import VLMError
 
-TINY_TOKENIZER = str(Path(__file__).parent / "assets" / "tiny_tokenizer")
+TINY_TOKENIZER = "package:vlm/assets/tiny_tokenizer"  # found in the installed package, so configs name no machine path
 
 
 @dataclass

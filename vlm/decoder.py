@@ -30,7 +30,7 @@ def cache_root() -> Path:
 
 
 def package_file(source: str) -> Path:
-    """The file a `package:<pkg>/<relative path>` source names, located without importing the package."""
+    """The file (or folder) a `package:<pkg>/<relative path>` source names, located without importing the package."""
     rest = source[len(PACKAGE_PREFIX) :]
     package, _, relative = rest.partition("/")
     if not package or not relative or "." in package:
@@ -48,9 +48,9 @@ def package_file(source: str) -> Path:
     else:
         roots = []
     for root in roots:
-        if (root / relative).is_file():
+        if (root / relative).exists():
             return root / relative
-    raise VLMError(f"no file {relative!r} in package {package!r} (looked in {', '.join(map(str, roots))})")
+    raise VLMError(f"no file or folder {relative!r} in package {package!r} (looked in {', '.join(map(str, roots))})")
 
 
 def gguf_folder(path: str | Path) -> Path:
