@@ -181,6 +181,39 @@ def test_chat_reads_turns_from_stdin(capsys, monkeypatch, varied_checkpoint, ima
     assert out.splitlines() == [first, second]
 
 
+def test_chat_puts_the_image_where_the_model_reads_it(capsys, monkeypatch, varied_checkpoint, image_folder, tmp_path):
+    """A model trained with the question before the image (images_after_text) gets that layout in chat too."""
+    import shutil
+
+    import vlm.commands
+
+    model_dir = tmp_path / "after"
+    shutil.copytree(varied_checkpoint, model_dir)
+    config = json.loads((model_dir / "processor_config.json").read_text())
+    (model_dir / "processor_config.json").write_text(json.dumps({**config, "images_after_text": True}))
+    model, processor = load(model_dir)
+    img = image_folder / "d.png"
+    options = GenerationOptions(max_new_tokens=int(N))
+    first = generate_texts(model, processor, ["What colour is it?\n<image>"], [[load_image(img)]], options)[0]
+    history = [{"role": "user", "content": "What colour is it?\n<image>"}, {"role": "assistant", "content": first}]
+    second = generate_texts(model, processor, ["And the shape?"], [[load_image(img)]], options, [history])[0]
+
+    asked = []  # what chat hands to generation: each turn and the history before it
+
+    def recording(net, proc, prompts, images, gen, histories, **kw):
+        asked.append((prompts[0], [dict(m) for m in histories[0]]))
+        return generate_texts(net, proc, prompts, images, gen, histories, **kw)
+
+    monkeypatch.setattr(vlm.commands, "generate_texts", recording)
+    stdin = "What colour is it?\nAnd the shape?\n"
+    code, out, err = run(
+        capsys, "chat", img, "--model", model_dir, "--max-new-tokens", N, stdin=stdin, monkeypatch=monkeypatch
+    )
+    assert (code, err) == (0, "")
+    assert asked == [("What colour is it?\n<image>", []), ("And the shape?", history)]
+    assert out.splitlines() == [first, second]
+
+
 def test_max_new_tokens_spellings(capsys, varied_checkpoint, image_folder):
     img = image_folder / "a.png"
     outputs = []

@@ -275,8 +275,11 @@ def chat(
             break
         if not text:
             continue
-        # The image placeholder goes into the first user turn and stays in the history from then on.
-        turn = (processor.image_token + "\n" + text) if not history else text
+        # The image placeholder goes into the first user turn, where the model reads it (before the text, or after it
+        # with images_after_text), and stays in the history from then on.
+        turn = (
+            processor.with_placeholders([{"role": "user", "content": text}], 1)[0]["content"] if not history else text
+        )
         if interactive:
             print("vlm> ", end="", flush=True)
         try:
