@@ -195,6 +195,10 @@ def _compile_answer_regex(pattern: str) -> re.Pattern[str]:
     return rx
 
 
+LAST_WORD = re.compile(r"(\S+)$")
+"""The ``--answer_regex`` of a model that explains before it answers: score each answer's last word."""
+
+
 def extract_answer(prediction: str, rx: re.Pattern[str]) -> str:
     """The part of a prediction that is scored under ``--answer_regex``: the last match of ``rx`` (its group when it
     has one), or "" when nothing matches (so the row scores as wrong)."""

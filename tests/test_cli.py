@@ -198,10 +198,10 @@ def test_chat_puts_the_image_where_the_model_reads_it(capsys, monkeypatch, varie
     history = [{"role": "user", "content": "What colour is it?\n<image>"}, {"role": "assistant", "content": first}]
     second = generate_texts(model, processor, ["And the shape?"], [[load_image(img)]], options, [history])[0]
 
-    asked = []  # what chat hands to generation: each turn and the history before it
+    asked = []  # the token ids the model reads at each turn of the chat
 
     def recording(net, proc, prompts, images, gen, histories, **kw):
-        asked.append((prompts[0], [dict(m) for m in histories[0]]))
+        asked.append(proc.prompt(prompts[0], len(images[0]), histories[0]))
         return generate_texts(net, proc, prompts, images, gen, histories, **kw)
 
     monkeypatch.setattr(vlm.commands, "generate_texts", recording)
@@ -210,7 +210,7 @@ def test_chat_puts_the_image_where_the_model_reads_it(capsys, monkeypatch, varie
         capsys, "chat", img, "--model", model_dir, "--max-new-tokens", N, stdin=stdin, monkeypatch=monkeypatch
     )
     assert (code, err) == (0, "")
-    assert asked == [("What colour is it?\n<image>", []), ("And the shape?", history)]
+    assert asked == [processor.prompt("What colour is it?\n<image>", 1), processor.prompt("And the shape?", 1, history)]
     assert out.splitlines() == [first, second]
 
 

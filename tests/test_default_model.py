@@ -17,13 +17,12 @@ benchmark's relational target (95%) is not met yet."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 from conftest import run_vlm
 
-from eval.runner import extract_answer
+from eval.runner import LAST_WORD, extract_answer
 from eval.shapes import caption_facts, caption_scores
 from vlm.checkpoint import DEFAULT_MODEL_DIR, open_model
 from vlm.generation import GenerationOptions, generate_texts
@@ -37,7 +36,6 @@ MIN_SHAPES = 0.8  # fraction of objects whose shape the caption gets right
 MIN_NON_RELATIONAL = 0.95  # fraction of the sample images' non-relational questions answered right
 MIN_RELATIONAL = 0.7  # fraction of their relational questions answered right
 MIN_COUNT = 0.9  # fraction of their count questions answered right
-LAST_WORD = re.compile(r"(\S+)$")  # what is scored: the count answers are explained ("squares: 3")
 
 
 @pytest.fixture(scope="module")
@@ -77,16 +75,16 @@ def test_readme_first_command_captions_with_the_default_model():
     assert caption_scores(caption, CAPTIONS["shapes_0.png"]) == {"shape": 1.0, "position": 1.0}, caption  # all right
 
 
-def _answers(default_model, rows: list[dict]) -> list[str]:
+def _generate(default_model, rows: list[dict]) -> list[str]:
+    """The model's whole answers to the rows' questions; the count answers are explained ("squares: 3")."""
     model, processor = default_model
-    answers = generate_texts(
+    return generate_texts(
         model,
         processor,
         [r["question"] for r in rows],
         [[load_image(SAMPLES / r["image"])] for r in rows],
         GenerationOptions(max_new_tokens=6),
     )
-    return [extract_answer(a, LAST_WORD) for a in answers]
 
 
 @pytest.mark.parametrize(
@@ -100,7 +98,7 @@ def _answers(default_model, rows: list[dict]) -> list[str]:
 def test_answers_the_sample_images_questions(default_model, field, value, n, bar):
     rows = [r for r in ROWS if r.get(field) == value]
     assert len(rows) == n
-    answers = _answers(default_model, rows)
+    answers = [extract_answer(a, LAST_WORD) for a in _generate(default_model, rows)]  # what is scored: the last word
     right = [a == r["answer"] for a, r in zip(answers, rows)]
     wrong = [(r["image"], r["question"], a) for a, r, ok in zip(answers, rows, right) if not ok]
     assert sum(right) / len(rows) >= bar, wrong
@@ -108,17 +106,9 @@ def test_answers_the_sample_images_questions(default_model, field, value, n, bar
 
 def test_counts_name_the_shape_they_count(default_model):
     """The count answers say which shape they count, and it is the asked-about object's shape."""
-    model, processor = default_model
     rows = [r for r in ROWS if r.get("subtype") == "count"]
     shapes = {image: caption_facts(caption) for image, caption in CAPTIONS.items()}  # colour -> (shape, where)
-    answers = generate_texts(
-        model,
-        processor,
-        [r["question"] for r in rows],
-        [[load_image(SAMPLES / r["image"])] for r in rows],
-        GenerationOptions(max_new_tokens=6),
-    )
-    for a, r in zip(answers, rows):
+    for a, r in zip(_generate(default_model, rows), rows):
         color = r["question"].split("as the ")[1].split()[0]
         assert a.split(":")[0] == shapes[r["image"]][color][0] + "s", (r["question"], a)
 
@@ -133,12 +123,11 @@ def test_chat_answers_later_turns_too(default_model):
         rows = [r for r in ROWS if r["image"] == image and r.get("type") == "non_relational"]
         pixels = [load_image(SAMPLES / image)]
         history: list[dict[str, str]] = []
-        for k, r in enumerate(rows):
-            turn = processor.with_placeholders([{"role": "user", "content": r["question"]}], 1)[0]["content"]
-            turn = turn if k == 0 else r["question"]
-            answer = generate_texts(model, processor, [turn], [pixels], GenerationOptions(max_new_tokens=6), [history])
-            ok = extract_answer(answer[0], LAST_WORD) == r["answer"]
+        for k, r in enumerate(rows):  # as `vlm chat` asks: the processor puts the image in the first turn
+            q = r["question"]
+            answer = generate_texts(model, processor, [q], [pixels], GenerationOptions(max_new_tokens=6), [history])[0]
+            ok = extract_answer(answer, LAST_WORD) == r["answer"]
             if k:
                 later, later_right = later + 1, later_right + ok
-            history += [{"role": "user", "content": turn}, {"role": "assistant", "content": answer[0]}]
+            history += [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]
     assert later == 36 and later_right / later >= MIN_NON_RELATIONAL, (later_right, later)

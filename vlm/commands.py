@@ -275,21 +275,18 @@ def chat(
             break
         if not text:
             continue
-        # The image placeholder goes into the first user turn, where the model reads it (before the text, or after it
-        # with images_after_text), and stays in the history from then on.
-        turn = (
-            processor.with_placeholders([{"role": "user", "content": text}], 1)[0]["content"] if not history else text
-        )
+        # No placeholder here: the processor puts the image into the conversation's first user turn, where the model
+        # reads it (before the text, or after it with images_after_text), every turn alike.
         if interactive:
             print("vlm> ", end="", flush=True)
         try:
-            answer = generate_texts(net, processor, [turn], [pixels], gen, [history], stream=interactive)[0]
+            answer = generate_texts(net, processor, [text], [pixels], gen, [history], stream=interactive)[0]
         except VLMError as e:  # e.g. the conversation outgrew the context: say so, keep the session
             print(f"vlm: error: {e}", file=sys.stderr)
             continue
         if not interactive:
             print(answer, flush=True)
-        history += [{"role": "user", "content": turn}, {"role": "assistant", "content": answer}]
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
     return 0
 
 

@@ -7,18 +7,14 @@ split), stored beside this file in the project's JSONL format, so the tasks need
 from __future__ import annotations
 
 import ast
-import re
 from pathlib import Path
 
 from eval.metrics import exact_match, vqa_accuracy
-from eval.runner import extract_answer
+from eval.runner import LAST_WORD, extract_answer
 from eval.shapes import SHAPES
 from vlm.images import load_image
 
 DATA = Path(__file__).resolve().parent / "data"
-# The scored part of a generated answer: its last word, which is the whole answer of a one-word model and the answer
-# of one that explains first (the default model says "squares: 3" to a count question).
-LAST_WORD = re.compile(r"(\S+)$")
 # The possible answers of each question subtype (see eval.shapes.answer_question).
 CHOICES = {
     "shape": list(SHAPES),
@@ -47,8 +43,9 @@ def doc_to_choice(doc: dict) -> list[str]:
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
-    """VQA accuracy and exact match of the generated answer's last word, as `vlm eval --answer_regex '(\\S+)$'` scores
-    them."""
+    """VQA accuracy and exact match of the generated answer's last word (the whole answer of a one-word model, the
+    answer of one that explains first: the default model says "squares: 3"), as `vlm eval --answer_regex '(\\S+)$'`
+    scores them."""
     prediction, refs = extract_answer(results[0], LAST_WORD), [doc["answer"]]
     return {"vqa_accuracy": vqa_accuracy(prediction, refs), "exact_match": exact_match(prediction, refs)}
 
