@@ -1,7 +1,11 @@
 """`vlm bench`: training and generation speed of a vlm model, against transformers' LLaVA with the same shapes.
 
-Both models run in one process on the same random inputs, one after the other, so ratios compare like with like.
-Every figure is a median over repeats after warm-up; CUDA timings synchronize before and after each repeat.
+Both models run in one process on the same random inputs, so ratios compare like with like. They take turns:
+`rounds` rounds, each measuring both (vlm first in odd rounds, the baseline first in even ones), so a machine that
+speeds up or slows down during the run (a shared CPU does) moves both alike. Within a round every figure is a median
+over repeats after warm-up; the figures printed are the medians over rounds, and each ratio is the median of the
+rounds' own ratios. CUDA timings synchronize before and after each repeat; the model not being measured waits on
+the CPU.
 
 FLOPs per training sample follow the 6 x parameters x tokens rule (Kaplan et al. 2020, "Scaling Laws for Neural
 Language Models"; forward 2, backward 4), applied per part because each part sees a different number of tokens:
@@ -374,6 +378,39 @@ def _ratios(vlm: dict, base: dict) -> dict[str, Any]:
     }
 
 
+def _median_tree(trees: list[Any]) -> Any:
+    """The trees' shape, each number the median of the trees' numbers there (other values: the first tree's)."""
+    first = trees[0]
+    if isinstance(first, dict):
+        return {k: _median_tree([t[k] for t in trees]) for k in first}
+    if isinstance(first, int | float) and not isinstance(first, bool):
+        return statistics.median(trees)
+    return first
+
+
+def _rounds(models: dict[str, tuple], rounds: int, args, peak: float) -> dict[str, Any]:
+    """Measures each model `rounds` times, taking turns; models: name -> (module, processor, train, gen, shapes)."""
+    device = args[0]
+    names = list(models)
+    per_round = []
+    for i in range(rounds):
+        measured = {}
+        for name in names if i % 2 == 0 else names[::-1]:
+            net, processor, train_batch, gen_batches, shapes = models[name]
+            measured[name] = _measure(net.to(device), processor, train_batch, gen_batches, shapes, args, peak)
+            if device.type == "cuda":  # one model on the device at a time: its memory figure is its own
+                net.to("cpu")
+                torch.cuda.empty_cache()
+        per_round.append({name: measured[name] for name in names})
+    result = {name: _median_tree([r[name] for r in per_round]) for name in names}
+    for name in names:  # the first training step's loss is only comparable before any model has trained
+        result[name]["train"]["first_loss"] = per_round[0][name]["train"]["first_loss"]
+    if "baseline" in result:
+        result["ratios"] = _median_tree([_ratios(r["vlm"], r["baseline"]) for r in per_round])
+    result["rounds"] = per_round
+    return result
+
+
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.0f}" if abs(x) >= 1000 else f"{x:.4g}"
 
@@ -389,6 +426,8 @@ def _table(r: dict[str, Any]) -> str:
         f"{s['decoder_params'] / 1e6:.3g}M; {s['flops_per_sample'] / 1e9:.4g} GFLOP per training sample",
         f"matmul {r['matmul']['size']}^2 {r['dtype']}: {r['matmul']['flops_per_s'] / 1e9:.4g} GFLOP/s (MFU's peak)",
         f"baseline: {r['baseline_note']}",
+        f"rounds: {len(r['rounds'])}, the models taking turns; figures: medians over rounds; vlm/base: the median of "
+        "the rounds' ratios",
         *[f"note: {n}" for n in r["notes"]],
         "",
         f"{'median':<44}{'vlm':>11}{'baseline':>11}{'vlm/base':>10}",
@@ -453,6 +492,7 @@ def bench(
     new_tokens: int = 32,
     steps: int = 10,
     warmup: int = 3,
+    rounds: int = 3,
     device: Literal["auto", "cpu", "cuda"] = "auto",
     dtype: Literal["auto", "float32", "bfloat16"] = "auto",
     pack_tokens: int | None = None,
@@ -477,6 +517,7 @@ def bench(
         new_tokens: New tokens per generated sample.
         steps: Timed training steps (generation and data: at most 5 repeats; `vlm caption` runs: at most 3).
         warmup: Untimed training steps first (generation: one untimed call per batch size).
+        rounds: Rounds of measuring both models in turn; figures are medians over rounds.
         device: Where to run: auto (CUDA when available), cpu or cuda.
         dtype: Weights' precision: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16.
         pack_tokens: Longest packed row of the packing comparison (as data.pack_tokens in training); default:
@@ -488,8 +529,9 @@ def bench(
     import transformers
 
     settings = {k: v for k, v in locals().items() if k not in ("timm", "transformers")}  # the call, for the record
-    if min(batch_size, text_tokens, new_tokens, steps, *gen_batch_sizes) < 1 or warmup < 0 or not gen_batch_sizes:
-        raise VLMError("batch sizes, text_tokens, new_tokens and steps must be at least 1, warmup at least 0")
+    sizes = (batch_size, text_tokens, new_tokens, steps, rounds, *gen_batch_sizes)
+    if min(sizes) < 1 or warmup < 0 or not gen_batch_sizes:
+        raise VLMError("batch sizes, text_tokens, new_tokens, steps and rounds must be at least 1, warmup at least 0")
     if pack_tokens is not None and pack_tokens < 1:
         raise VLMError("pack_tokens must be at least 1")
     dev = checkpoint.resolve_device(device)
@@ -516,25 +558,28 @@ def bench(
             hf_dir, source, base_processor, note = _baseline_source(net, processor, Path(model) if model else None, tmp)
         n, peak = _matmul_peak(dev, dt)
         args = (dev, dt, steps, warmup, new_tokens)
-        results = {"vlm": _measure(net.to(dev, dt), processor, train_batch, gen_batches, shapes, args, peak)}
-        packing = None
-        problem = packing_problem(net.decoder)
-        if problem is None:
-            mix = _length_mix(processor, shapes, batch_size, vocab, context)
-            packing = _packing(net, processor, mix, pack_tokens, args)
-        else:
-            notes.append(f"packing not measured: {problem}")
-        del net  # one model on the device at a time
+        models = {"vlm": (net.to(dt), processor, train_batch, gen_batches, shapes)}
         base_shapes = None
         if hf_dir is not None:
             from transformers import LlavaForConditionalGeneration
 
             base_shapes = _shapes(source, text_tokens) if source is not None else shapes
+            base_train, base_gen = train_batch, gen_batches
             if source is not None:
-                train_batch, gen_batches = _inputs(base_processor, base_shapes, batch_size, gen_batch_sizes, vocab)
-            llava = LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=dt).to(dev)
-            results["baseline"] = _measure(llava, base_processor, train_batch, gen_batches, base_shapes, args, peak)
-            del llava
+                base_train, base_gen = _inputs(base_processor, base_shapes, batch_size, gen_batch_sizes, vocab)
+            llava = LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=dt)
+            models["baseline"] = (llava, base_processor, base_train, base_gen, base_shapes)
+            del llava  # held by `models` only
+        results = _rounds(models, rounds, args, peak)
+        del models  # free the baseline before the end-to-end runs
+        packing = None  # after the rounds: its training steps must not change the weights the first losses compare
+        problem = packing_problem(net.decoder)
+        if problem is None:
+            mix = _length_mix(processor, shapes, batch_size, vocab, context)
+            packing = _packing(net.to(dev, dt), processor, mix, pack_tokens, args)
+        else:
+            notes.append(f"packing not measured: {problem}")
+        del net
         folder = _image_folder(tmp)
         data = _data_rate(processor, folder, batch_size, steps)
         e2e_dir = Path(model) if model else checkpoint.DEFAULT_MODEL_DIR
@@ -559,7 +604,8 @@ def bench(
         "baseline": results.get("baseline"),
         "baseline_note": note,
         "baseline_shapes": base_shapes,
-        "ratios": _ratios(results["vlm"], results["baseline"]) if "baseline" in results else None,
+        "ratios": results.get("ratios"),
+        "rounds": results["rounds"],
         "packing": packing,
         "data": data,
         "end_to_end": e2e,

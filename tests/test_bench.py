@@ -28,7 +28,7 @@ def test_bench_tiny_record(tmp_path, monkeypatch, capsys):
     # No end-to-end runs here (they start processes): pretend the default checkpoint is not there.
     monkeypatch.setattr(bench_module.checkpoint, "DEFAULT_MODEL_DIR", tmp_path / "no-default-model")
     out = tmp_path / "bench.json"
-    args = dict(steps=2, warmup=1, gen_batch_sizes=[1, 2], new_tokens=4, text_tokens=16, batch_size=4)
+    args = dict(steps=2, warmup=1, rounds=3, gen_batch_sizes=[1, 2], new_tokens=4, text_tokens=16, batch_size=4)
     assert bench(preset="tiny", output=str(out), **args) == 0
     r = json.loads(out.read_text())
 
@@ -50,8 +50,16 @@ def test_bench_tiny_record(tmp_path, monkeypatch, capsys):
     assert r["baseline_shapes"] == s
     assert set(r["ratios"]["train"]) == {"samples_per_s", "tokens_per_s", "mfu", "peak_memory_mb"}
     assert set(r["ratios"]["generate"]) == {"1", "2"}
-    ratio = r["ratios"]["train"]["samples_per_s"]
-    assert ratio == pytest.approx(r["vlm"]["train"]["samples_per_s"] / r["baseline"]["train"]["samples_per_s"])
+    # Three rounds, the models taking turns: each figure is the median over rounds, each ratio the median of the
+    # rounds' own ratios (not the ratio of the medians).
+    rounds = r["rounds"]
+    assert len(rounds) == 3 and all(set(x) == {"vlm", "baseline"} for x in rounds)
+    for part in ("vlm", "baseline"):
+        per_round = sorted(x[part]["generate"]["2"]["tokens_per_s"] for x in rounds)
+        assert r[part]["generate"]["2"]["tokens_per_s"] == per_round[1]
+        assert r[part]["train"]["first_loss"] == rounds[0][part]["train"]["first_loss"]
+    ratios = sorted(x["vlm"]["train"]["samples_per_s"] / x["baseline"]["train"]["samples_per_s"] for x in rounds)
+    assert r["ratios"]["train"]["samples_per_s"] == pytest.approx(ratios[1])
     assert r["data"]["images_per_s"] > 0 and r["end_to_end"] is None
     # Packing: the same samples padded (a row each) and packed (rows of at most twice the longest); same loss.
     p = r["packing"]
@@ -69,16 +77,17 @@ def test_bench_tiny_record(tmp_path, monkeypatch, capsys):
 
     table = capsys.readouterr().err
     assert "vlm/base" in table and "generate batch 2: new tokens/s" in table and "train MFU" in table
-    assert "padding fraction" in table and "pack/pad" in table
+    assert "padding fraction" in table and "pack/pad" in table and "rounds: 3" in table
 
 
 def test_bench_checkpoint_end_to_end(tiny_checkpoint: Path, tmp_path, capsys):
     """A checkpoint folder is measured as given, and `vlm caption` is timed on it end to end."""
     assert bench(model=str(tiny_checkpoint), steps=1, warmup=0, gen_batch_sizes=[1], new_tokens=2, text_tokens=4,
-                 batch_size=1, baseline=False) == 0  # fmt: skip
+                 batch_size=1, rounds=1, baseline=False) == 0  # fmt: skip
     r = json.loads(capsys.readouterr().out)  # the record goes to stdout without --output
     assert r["model"] == str(tiny_checkpoint) and r["preset"] is None
     assert r["baseline"] is None and r["ratios"] is None and "skipped" in r["baseline_note"]
+    assert len(r["rounds"]) == 1 and set(r["rounds"][0]) == {"vlm"}
     e = r["end_to_end"]
     assert e["model"] == str(tiny_checkpoint) and e["folder_images"] > 1
     assert e["caption_latency_s"] > 0 and e["folder_images_per_s"] > 0
@@ -89,7 +98,11 @@ def test_bench_bad_input(capsys):
         main(["bench", "--steps", "0"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "steps must be at least 1" in err and "Traceback" not in err
+    assert "steps and rounds must be at least 1" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--rounds", "0"])
+    assert exit_info.value.code == 2
+    assert "rounds must be at least 1" in capsys.readouterr().err
 
 
 def test_bench_help(capsys):
