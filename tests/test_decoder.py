@@ -44,10 +44,8 @@ def test_the_presets_tokenizer_is_named_without_a_machine_path():
     config = VLMConfig.from_name("shapes")
     assert config.decoder.tokenizer == TINY_TOKENIZER == "package:vlm/assets/tiny_tokenizer"
     assert decoder.package_file(TINY_TOKENIZER) == Path(decoder.__file__).parent / "assets" / "tiny_tokenizer"
-    assert (
-        decoder.load_tokenizer(TINY_TOKENIZER).convert_tokens_to_ids("circle")
-        != decoder.load_tokenizer(TINY_TOKENIZER).unk_token_id
-    )
+    tokenizer = decoder.load_tokenizer(TINY_TOKENIZER)
+    assert tokenizer.convert_tokens_to_ids("circle") != tokenizer.unk_token_id
 
 
 def test_sources_that_need_no_conversion_pass_through(tmp_path):

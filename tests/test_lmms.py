@@ -158,12 +158,13 @@ def test_lmms_eval_runs_the_shipped_tasks(
     )
     results, samples = out["results"], out["samples"]
     from eval.metrics import vqa_accuracy
+    from eval.runner import LAST_WORD, extract_answer
 
     answers = [s["filtered_resps"] for s in samples["shapes_vqa"]]
     answers = [a[0] if isinstance(a, list) else a for a in answers]
     targets = [s["target"] for s in samples["shapes_vqa"]]
     assert len(answers) == 3
-    last_words = [a.split()[-1] if a.split() else "" for a in answers]  # what the task scores
+    last_words = [extract_answer(a, LAST_WORD) for a in answers]  # what the task scores
     assert results["shapes_vqa"]["vqa_accuracy,none"] == pytest.approx(
         sum(vqa_accuracy(a, [t]) for a, t in zip(last_words, targets, strict=True)) / 3
     )
