@@ -189,7 +189,7 @@ def _dist2(a: Obj, b: Obj) -> int:
     return (a.center[0] - b.center[0]) ** 2 + (a.center[1] - b.center[1]) ** 2
 
 
-def answer_question(scene: list[Obj], color: str, subtype: str, explain: bool = False) -> str:
+def answer_question(scene: list[Obj], color: str, subtype: str, explain: bool = False, cell: int = 0) -> str:
     """Compute the answer to a Sort-of-CLEVR question about the object of a given colour.
 
     Args:
@@ -199,9 +199,13 @@ def answer_question(scene: list[Obj], color: str, subtype: str, explain: bool = 
         explain: Name the step before the answer in relational answers: the colour of the closest/furthest object
             (``"blue circle"``), or the shape being counted (``"squares: 3"``). The last word is always the plain
             answer; non-relational answers are the same either way.
+        cell: With ``explain``, closest/furthest answers first name the cell of the object asked about on a grid
+            of ``cell``-pixel squares, column then row from 0 at the top left (``"4 1 green circle"``: X's centre
+            is in column 4, row 1); 0 names no cell.
 
     Returns:
-        The lower-case answer: one word, or with ``explain`` two words ending in the one-word answer.
+        The lower-case answer: one word, or with ``explain`` two words (four with ``cell``) ending in the one-word
+        answer.
     """
     x = _find(scene, color)
     others = [o for o in scene if o is not x]
@@ -215,7 +219,10 @@ def answer_question(scene: list[Obj], color: str, subtype: str, explain: bool = 
     if subtype in ("closest_shape", "furthest_shape"):
         pick = min if subtype == "closest_shape" else max
         y = pick(others, key=lambda o: _dist2(x, o))
-        return f"{y.color} {y.shape}" if explain else y.shape
+        if not explain:
+            return y.shape
+        where = f"{x.center[0] // cell} {x.center[1] // cell} " if cell else ""
+        return f"{where}{y.color} {y.shape}"
     if subtype == "count":
         n = str(sum(o.shape == x.shape for o in scene))
         return f"{x.shape}s: {n}" if explain else n
@@ -239,7 +246,7 @@ def distance_rank(scene: list[Obj], color: str, named: str) -> int:
 
 
 def questions_for_scene(
-    scene: list[Obj], rng: np.random.Generator, explain: tuple[str, ...] = ()
+    scene: list[Obj], rng: np.random.Generator, explain: tuple[str, ...] = (), cell: int = 0
 ) -> list[dict[str, str]]:
     """Draw the 10 non-relational and then the 10 relational questions for a scene.
 
@@ -250,6 +257,7 @@ def questions_for_scene(
         rng: Random generator used to pick colours and sub-types.
         explain: The relational subtypes whose answers are explained (see :func:`answer_question`); the questions
             are the same either way.
+        cell: Grid cell size for explained closest/furthest answers (see :func:`answer_question`); 0 for none.
 
     Returns:
         20 dicts with keys ``question``, ``answer``, ``type`` (``"non_relational"`` or ``"relational"``) and
@@ -265,7 +273,7 @@ def questions_for_scene(
             rows.append(
                 {
                     "question": _TEMPLATES[subtype].format(c=color),
-                    "answer": answer_question(scene, color, subtype, subtype in explain),
+                    "answer": answer_question(scene, color, subtype, subtype in explain, cell),
                     "type": qtype,
                     "subtype": subtype,
                 }
@@ -395,6 +403,7 @@ def generate_shapes(
     test: int = 200,
     seed: int = 0,
     explain: bool | list[str] | str = False,
+    explain_cell: int = 0,
 ) -> dict:
     """Generate the Sort-of-CLEVR benchmark (Santoro et al. 2017) as PNG images and JSONL files.
 
@@ -416,6 +425,9 @@ def generate_shapes(
             closest to red and ``"squares: 3"`` for a count (see :func:`answer_question`): true for every relational
             subtype, or a list of them (``[count]``, or as text: ``count`` or ``count,closest_shape``). The images,
             questions and captions are the same as without it; the last word of every answer is the paper's answer.
+        explain_cell: Explained closest/furthest answers first name the asked-about object's cell on a grid of
+            squares this many pixels wide, column then row from 0 (``"4 1 green circle"``); 15 is the ``shapes``
+            preset's patch grid. 0 (the default) names no cell.
 
     Returns:
         Summary dict: ``out``, ``seed``, and per split (``splits[name]``) the numbers of ``images``, ``questions``
@@ -423,13 +435,20 @@ def generate_shapes(
         ``chat_file``.
 
     Raises:
-        ValueError: If a count or the seed is not a non-negative integer, or ``out`` is not a path.
+        ValueError: If a count, the seed or ``explain_cell`` is not a non-negative integer (or the cell is larger
+            than the image, or no closest/furthest answer is explained for it), ``explain`` is not one of its
+            forms, or ``out`` is not a path.
     """
     if not isinstance(out, (str, Path)) or str(out) == "":
         raise ValueError(f"out must be a non-empty path, got {out!r}")
     counts = {name: _check_int(name, value) for name, value in zip(SPLITS, (train, val, test), strict=True)}
     seed = _check_int("seed", seed)
     explained = _explained_subtypes(explain)
+    cell = _check_int("explain_cell", explain_cell)
+    if cell and not {"closest_shape", "furthest_shape"} & set(explained):
+        raise ValueError("explain_cell names a cell in explained closest/furthest answers: explain one of them too")
+    if cell > IMAGE_SIZE:
+        raise ValueError(f"explain_cell must be at most the image size ({IMAGE_SIZE} px), got {cell}")
 
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
@@ -440,6 +459,7 @@ def generate_shapes(
         "out": str(out_dir),
         "seed": seed,
         "explain": list(explained),
+        "explain_cell": cell,
         "images_dir": str(out_dir / "images"),
         "splits": {},
     }
@@ -460,7 +480,7 @@ def generate_shapes(
                 scene = random_scene(rng)
                 rel = image_name(split, index)
                 render_scene(scene).save(out_dir / rel, format="PNG")
-                questions = questions_for_scene(scene, rng, explained)
+                questions = questions_for_scene(scene, rng, explained, cell)
                 for row in questions:
                     line = json.dumps({"image": rel, **row}) + "\n"
                     fq.write(line)

@@ -224,14 +224,16 @@ def test_scenes_are_valid_and_unambiguous() -> None:
         assert {o["count"] for o in objects.values() if o["shape"] == "square"} <= {121}
 
 
-def _explained_from_pixels(objects: dict[str, dict], color: str, subtype: str) -> str:
-    """The explained answer from pixels alone: the colour of the closest/furthest object, or the counted shape."""
+def _explained_from_pixels(objects: dict[str, dict], color: str, subtype: str, cell: int = 0) -> str:
+    """The explained answer from pixels alone: the colour of the closest/furthest object (after the asked-about
+    object's grid cell, with ``cell``), or the counted shape."""
     x = objects[color]
     if subtype in ("closest_shape", "furthest_shape"):
         cx, cy = x["center"]
         dist = {n: (o["center"][0] - cx) ** 2 + (o["center"][1] - cy) ** 2 for n, o in objects.items() if n != color}
         name = (min if subtype == "closest_shape" else max)(dist, key=dist.__getitem__)
-        return f"{name} {objects[name]['shape']}"
+        where = f"{int(cx // cell)} {int(cy // cell)} " if cell else ""  # centre pixel i is at i + 0.5
+        return f"{where}{name} {objects[name]['shape']}"
     if subtype == "count":
         return f"{x['shape']}s: {_answer_from_pixels(objects, color, subtype)}"
     return _answer_from_pixels(objects, color, subtype)
@@ -282,6 +284,28 @@ def test_explained_answers_match_the_pixels(dataset: tuple[Path, dict], tmp_path
     chat = _read_jsonl(tmp_path / "train_chat.jsonl")
     explained_turns = {t["content"] for r in chat for t in r["conversations"] if t["role"] == "assistant"}
     assert any(":" in a for a in explained_turns) and any(a.split()[0] in COLOR_NAMES for a in explained_turns)
+
+
+def test_explain_cell_names_the_asked_about_objects_cell(dataset: tuple[Path, dict], tmp_path: Path) -> None:
+    explained_dir, cell_dir = tmp_path / "explained", tmp_path / "cell"
+    generate_shapes(explained_dir, seed=SEED, explain=True, **COUNTS)
+    summary = generate_shapes(cell_dir, seed=SEED, explain=True, explain_cell=15, **COUNTS)
+    assert summary["explain_cell"] == 15
+    cells = set()
+    for split in SPLITS:
+        rows, explained = _read_jsonl(cell_dir / f"{split}.jsonl"), _read_jsonl(explained_dir / f"{split}.jsonl")
+        for row, other in zip(rows, explained, strict=True):
+            if row["subtype"] not in ("closest_shape", "furthest_shape"):
+                assert row == other
+                continue
+            objects = _pixel_objects(Image.open(cell_dir / row["image"]))
+            assert row["answer"] == _explained_from_pixels(objects, _color_in(row["question"]), row["subtype"], 15)
+            assert row["answer"].split()[2:] == other["answer"].split()  # the cell, then the explained answer
+            cells.add(tuple(row["answer"].split()[:2]))
+    assert len(cells) > 5 and all(x in "01234" and y in "01234" for x, y in cells)  # the 5x5 patch grid
+    chat = _read_jsonl(cell_dir / "train_chat.jsonl")
+    turns = [t["content"] for r in chat for t in r["conversations"] if t["role"] == "assistant"]
+    assert any(len(t.split()) == 4 for t in turns)
 
 
 def test_explain_can_name_the_subtypes(dataset: tuple[Path, dict], tmp_path: Path) -> None:
@@ -374,6 +398,10 @@ def test_caption_scores_read_back_every_caption(dataset: tuple[Path, dict]) -> N
         ({"explain": "yes"}, "explain"),
         ({"explain": ["count", "shape"]}, "explain"),
         ({"explain": 1}, "explain"),
+        ({"explain": True, "explain_cell": -1}, "explain_cell"),
+        ({"explain": True, "explain_cell": 76}, "explain_cell"),
+        ({"explain_cell": 15}, "explain_cell"),
+        ({"explain": "count", "explain_cell": 15}, "explain_cell"),
     ],
 )
 def test_bad_arguments_raise_value_error(tmp_path: Path, kwargs: dict, name: str) -> None:

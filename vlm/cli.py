@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-hf": ("vlm.hf:export_hf", "write a transformers LLaVA folder from a vlm checkpoint"),
     "import-hf": ("vlm.hf:import_hf", "make a vlm checkpoint from a transformers LLaVA folder (or hub id)"),
     "data shapes": ("eval.shapes:generate_shapes", "generate the Sort-of-CLEVR benchmark (JSONL + PNG)"),
+    "shapes-report": ("eval.shapes_report:shapes_report", "read shapes answers back against the scenes"),
     "bench": ("eval.bench:bench", "measure training and generation speed against a transformers LLaVA baseline"),
 }
 OPTIONAL_POSITIONALS: dict[str, tuple[str, ...]] = {"ask": ("image", "question")}

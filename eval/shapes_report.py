@@ -1,0 +1,164 @@
+"""`vlm shapes-report`: read a model's relational Sort-of-CLEVR answers back against the scenes they are about.
+
+Accuracy says how often a relational answer is right; this report says what the model does instead. Every image of
+`vlm data shapes` can be rebuilt from its name and the seed (:func:`eval.shapes.scene_for`), so a predictions file
+from `vlm eval --output` is enough to ask, for the closest and furthest questions:
+
+* does the answer's last word (the shape) follow the shape most of the other five objects have (``majority``), and
+  how often does it equal the shape of the 1st ... 5th closest object (``rank_shape``)? A model that compares
+  distances agrees most with the object it is asked about; one that does not agrees with every rank about equally;
+* for answers that name an object before its shape ("blue circle", `vlm data shapes --explain`), where does the named
+  object stand among the others by distance (``named_rank``: 0 is the closest)?
+* is the answer right as often when the object asked for shares an image patch with the object asked about
+  (``shares_patch``) as when it does not (``apart``)? Patches are the encoder's (15 px for the `shapes` preset).
+
+For count questions: how often the answer is the larger of the square and circle counts (``larger_count``), the
+guess of a model that ignores the object asked about. For caption rows: the mean fraction of objects whose shape and
+whose position the caption gets right (:func:`eval.shapes.caption_scores`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from eval.shapes import _TEMPLATES, COLOR_NAMES, SPLITS, Obj, _dist2, _find, caption_scores, scene_for
+from vlm.errors import VLMError
+
+_IMAGE_NAME = re.compile(r"(?:^|/)(" + "|".join(SPLITS) + r")_(\d+)\.png$")
+_QUESTION = {
+    subtype: re.compile("^" + re.escape(template).replace(re.escape("{c}"), "(" + "|".join(COLOR_NAMES) + ")") + "$")
+    for subtype, template in _TEMPLATES.items()
+}
+_RANKED = ("closest_shape", "furthest_shape")
+
+
+def _patches(obj: Obj, patch: int) -> set[tuple[int, int]]:
+    x0, y0, x1, y1 = obj.bbox
+    return {(px, py) for px in range(x0 // patch, x1 // patch + 1) for py in range(y0 // patch, y1 // patch + 1)}
+
+
+def _question(row: dict[str, Any]) -> tuple[str, str] | None:
+    """``(subtype, colour)`` of a shapes question row, or None for any other row (a caption, another benchmark)."""
+    question = row.get("question")
+    if not isinstance(question, str):
+        return None
+    for subtype, rx in _QUESTION.items():
+        m = rx.match(question.strip())
+        if m:
+            return subtype, m.group(1)
+    return None
+
+
+def _ranked(counts: Counter) -> dict[str, Any]:
+    return {
+        "questions": counts["questions"],
+        "right": counts["right"],
+        "majority": counts["majority"],
+        "rank_shape": [counts[f"rank{k}"] for k in range(5)],
+        "named_rank": [counts[f"named{k}"] for k in range(5)],
+        "named_other": counts["named_other"],
+        "shares_patch": {"questions": counts["shared"], "right": counts["shared_right"]},
+        "apart": {"questions": counts["apart"], "right": counts["apart_right"]},
+    }
+
+
+def shapes_report(predictions: str, seed: int = 0, patch: int = 15) -> dict:
+    """Read the closest, furthest and count answers (and the captions) of a `vlm eval --output` predictions file back
+    against the scenes.
+
+    Args:
+        predictions: The predictions JSONL (`vlm eval --output REPORT` writes it beside the report) of a model on a
+            `vlm data shapes` split; question rows need ``image``, ``question`` and ``prediction``, caption rows
+            ``caption`` and ``prediction``. Other rows are skipped and counted, non-relational questions are left out,
+            and a failed row (no prediction) counts as wrong.
+        seed: The seed the data was generated with (`vlm data shapes --seed`).
+        patch: The encoder's patch size in pixels, for ``shares_patch``.
+
+    Returns:
+        Per subtype (``closest_shape``, ``furthest_shape``, ``count``) the counts described in the module docstring;
+        ``captions`` (``rows``, mean ``shape`` and ``position``); ``skipped_rows`` (neither shapes questions nor
+        captions) and ``bad_rows`` (not JSON).
+    """
+    path = Path(predictions)
+    if not path.is_file():
+        raise VLMError(f"predictions file not found: {path}")
+    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
+        raise VLMError(f"patch must be a positive number of pixels, got {patch!r}")
+    counts: dict[str, Counter] = {s: Counter() for s in (*_RANKED, "count")}
+    caption_rows, caption_sums = 0, Counter()
+    skipped = bad = 0
+    with path.open(encoding="utf-8") as f:
+        for line_number, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if not isinstance(row, dict):
+                bad += 1
+                continue
+            said_text = str(row.get("prediction") or "").lower()
+            if isinstance(row.get("caption"), str) and "question" not in row:
+                try:
+                    caption_sums.update(caption_scores(said_text, row["caption"]))
+                except ValueError as e:
+                    raise VLMError(f"{path}:{line_number}: {e}") from None
+                caption_rows += 1
+                continue
+            asked = _question(row)
+            if asked is None or asked[0] not in counts:
+                skipped += asked is None
+                continue
+            subtype, color = asked
+            m = _IMAGE_NAME.search(str(row.get("image", "")))
+            if not m:
+                raise VLMError(
+                    f"{path}:{line_number}: image {row.get('image')!r} is not named like a `vlm data shapes` image "
+                    "(images/SPLIT_INDEX.png)"
+                )
+            scene = scene_for(m.group(1), int(m.group(2)), seed)
+            words = said_text.split()
+            said = words[-1] if words else ""
+            c = counts[subtype]
+            c["questions"] += 1
+            x = _find(scene, color)
+            if subtype == "count":
+                truth = str(sum(o.shape == x.shape for o in scene))
+                squares = sum(o.shape == "square" for o in scene)
+                c["right"] += said == truth
+                c["larger_count"] += said == str(max(squares, len(scene) - squares))
+                continue
+            others = sorted((o for o in scene if o is not x), key=lambda o: _dist2(x, o))
+            target = others[0] if subtype == "closest_shape" else others[-1]
+            right = said == target.shape
+            c["right"] += right
+            shapes = Counter(o.shape for o in others)
+            c["majority"] += said == max(shapes, key=lambda s: shapes[s])  # 5 objects, 2 shapes: never a tie
+            for rank, o in enumerate(others):
+                c[f"rank{rank}"] += said == o.shape
+            if len(words) >= 2 and words[-2] in COLOR_NAMES:
+                named = [rank for rank, o in enumerate(others) if o.color == words[-2]]
+                c[f"named{named[0]}" if named else "named_other"] += 1
+            where = "shared" if _patches(x, patch) & _patches(target, patch) else "apart"
+            c[where] += 1
+            c[f"{where}_right"] += right
+    if not caption_rows and not any(c["questions"] for c in counts.values()):
+        raise VLMError(f"{path} holds no Sort-of-CLEVR closest, furthest or count questions and no captions")
+    report: dict[str, Any] = {"predictions": str(path), "seed": seed, "patch": patch}
+    for subtype in _RANKED:
+        report[subtype] = _ranked(counts[subtype])
+    c = counts["count"]
+    report["count"] = {"questions": c["questions"], "right": c["right"], "larger_count": c["larger_count"]}
+    report["captions"] = {
+        "rows": caption_rows,
+        **{k: caption_sums[k] / max(caption_rows, 1) for k in ("shape", "position")},
+    }
+    report["skipped_rows"] = skipped
+    report["bad_rows"] = bad
+    return report
