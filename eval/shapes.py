@@ -229,6 +229,12 @@ def answer_question(scene: list[Obj], color: str, subtype: str, explain: bool = 
     raise ValueError(f"unknown question subtype {subtype!r}")
 
 
+def by_distance(scene: list[Obj], color: str) -> list[Obj]:
+    """The other five objects of the ``color`` object's scene, closest first (distances never tie)."""
+    x = _find(scene, color)
+    return sorted((o for o in scene if o is not x), key=lambda o: _dist2(x, o))
+
+
 def distance_rank(scene: list[Obj], color: str, named: str) -> int:
     """Where the object of colour ``named`` stands among the others when they are sorted by their distance from the
     ``color`` object: 0 is the closest, 4 the furthest. Reads an explained answer ("blue circle") back against the
@@ -237,9 +243,7 @@ def distance_rank(scene: list[Obj], color: str, named: str) -> int:
     Raises:
         ValueError: If ``named`` is ``color`` itself or not in the scene.
     """
-    x = _find(scene, color)
-    others = sorted((o for o in scene if o is not x), key=lambda o: _dist2(x, o))
-    for rank, o in enumerate(others):
+    for rank, o in enumerate(by_distance(scene, color)):
         if o.color == named:
             return rank
     raise ValueError(f"{named!r} is not one of the other objects of the {color} object's scene")

@@ -25,7 +25,18 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from eval.shapes import _TEMPLATES, COLOR_NAMES, SPLITS, Obj, _dist2, _find, caption_scores, scene_for
+from eval.shapes import (
+    _TEMPLATES,
+    COLOR_NAMES,
+    SPLITS,
+    Obj,
+    _find,
+    answer_question,
+    by_distance,
+    caption_scores,
+    distance_rank,
+    scene_for,
+)
 from vlm.errors import VLMError
 
 _IMAGE_NAME = re.compile(r"(?:^|/)(" + "|".join(SPLITS) + r")_(\d+)\.png$")
@@ -127,25 +138,24 @@ def shapes_report(predictions: str, seed: int = 0, patch: int = 15) -> dict:
             said = words[-1] if words else ""
             c = counts[subtype]
             c["questions"] += 1
-            x = _find(scene, color)
+            right = said == answer_question(scene, color, subtype)
+            c["right"] += right
             if subtype == "count":
-                truth = str(sum(o.shape == x.shape for o in scene))
                 squares = sum(o.shape == "square" for o in scene)
-                c["right"] += said == truth
                 c["larger_count"] += said == str(max(squares, len(scene) - squares))
                 continue
-            others = sorted((o for o in scene if o is not x), key=lambda o: _dist2(x, o))
+            others = by_distance(scene, color)
             target = others[0] if subtype == "closest_shape" else others[-1]
-            right = said == target.shape
-            c["right"] += right
             shapes = Counter(o.shape for o in others)
             c["majority"] += said == max(shapes, key=lambda s: shapes[s])  # 5 objects, 2 shapes: never a tie
             for rank, o in enumerate(others):
                 c[f"rank{rank}"] += said == o.shape
             if len(words) >= 2 and words[-2] in COLOR_NAMES:
-                named = [rank for rank, o in enumerate(others) if o.color == words[-2]]
-                c[f"named{named[0]}" if named else "named_other"] += 1
-            where = "shared" if _patches(x, patch) & _patches(target, patch) else "apart"
+                try:
+                    c[f"named{distance_rank(scene, color, words[-2])}"] += 1
+                except ValueError:  # the asked-about object itself
+                    c["named_other"] += 1
+            where = "shared" if _patches(_find(scene, color), patch) & _patches(target, patch) else "apart"
             c[where] += 1
             c[f"{where}_right"] += right
     if not caption_rows and not any(c["questions"] for c in counts.values()):
