@@ -9,6 +9,10 @@ from `vlm eval --output` is enough to ask, for the closest and furthest question
   distances agrees most with the object it is asked about; one that does not agrees with every rank about equally;
 * for answers that name an object before its shape ("blue circle", `vlm data shapes --explain`), where does the named
   object stand among the others by distance (``named_rank``: 0 is the closest)?
+* for those answers, is the named object the one asked for under other measures of distance (``named_by``): true
+  distance, vertical distance alone, horizontal distance alone, or how far apart the patches holding the two centres
+  are in the decoder's sequence (row-major patch order, ties broken by true distance)? A decoder that reads patches
+  in sequence, with sequence positions, sees the patch below another a whole row of patches away;
 * is the answer right as often when the object asked for shares an image patch with the object asked about
   (``shares_patch``) as when it does not (``apart``)? Patches are the encoder's (15 px for the `shapes` preset).
 
@@ -28,6 +32,7 @@ from typing import Any
 from eval.shapes import (
     _TEMPLATES,
     COLOR_NAMES,
+    IMAGE_SIZE,
     SPLITS,
     Obj,
     _find,
@@ -45,11 +50,31 @@ _QUESTION = {
     for subtype, template in _TEMPLATES.items()
 }
 _RANKED = ("closest_shape", "furthest_shape")
+_MEASURES = ("distance", "vertical", "horizontal", "sequence")
 
 
 def _patches(obj: Obj, patch: int) -> set[tuple[int, int]]:
     x0, y0, x1, y1 = obj.bbox
     return {(px, py) for px in range(x0 // patch, x1 // patch + 1) for py in range(y0 // patch, y1 // patch + 1)}
+
+
+def _measure(name: str, patch: int):
+    """Distance between two objects' centres by one of `_MEASURES`, as a sort key (true squared distance breaks
+    ties)."""
+    width = -(-IMAGE_SIZE // patch)  # patches per row
+
+    def key(a: Obj, b: Obj) -> tuple[int, int]:
+        (ax, ay), (bx, by) = a.center, b.center
+        true = (ax - bx) ** 2 + (ay - by) ** 2
+        if name == "vertical":
+            return abs(ay - by), true
+        if name == "horizontal":
+            return abs(ax - bx), true
+        if name == "sequence":
+            return abs((ay // patch - by // patch) * width + ax // patch - bx // patch), true
+        return true, 0
+
+    return key
 
 
 def _question(row: dict[str, Any]) -> tuple[str, str] | None:
@@ -72,6 +97,7 @@ def _ranked(counts: Counter) -> dict[str, Any]:
         "rank_shape": [counts[f"rank{k}"] for k in range(5)],
         "named_rank": [counts[f"named{k}"] for k in range(5)],
         "named_other": counts["named_other"],
+        "named_by": {m: counts[f"by_{m}"] for m in _MEASURES},
         "shares_patch": {"questions": counts["shared"], "right": counts["shared_right"]},
         "apart": {"questions": counts["apart"], "right": counts["apart_right"]},
     }
@@ -100,6 +126,7 @@ def shapes_report(predictions: str, seed: int = 0, patch: int = 15) -> dict:
     if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
         raise VLMError(f"patch must be a positive number of pixels, got {patch!r}")
     counts: dict[str, Counter] = {s: Counter() for s in (*_RANKED, "count")}
+    measures = {m: _measure(m, patch) for m in _MEASURES}
     caption_rows, caption_sums = 0, Counter()
     skipped = bad = 0
     with path.open(encoding="utf-8") as f:
@@ -155,6 +182,9 @@ def shapes_report(predictions: str, seed: int = 0, patch: int = 15) -> dict:
                     c[f"named{distance_rank(scene, color, words[-2])}"] += 1
                 except ValueError:  # the asked-about object itself
                     c["named_other"] += 1
+                x, pick = _find(scene, color), min if subtype == "closest_shape" else max
+                for m, key in measures.items():
+                    c[f"by_{m}"] += pick(others, key=lambda o, key=key: key(x, o)).color == words[-2]
             where = "shared" if _patches(_find(scene, color), patch) & _patches(target, patch) else "apart"
             c[where] += 1
             c[f"{where}_right"] += right

@@ -41,6 +41,16 @@ DECODERS: dict[str, dict | None] = {
         "max_position_embeddings": 256,
     },
 }
+# Each family as above, plus decoders whose image tokens take grid positions (vlm/positions.py).
+FAMILIES = [*DECODERS, "llama-grid", "qwen2-grid"]
+
+
+def family_config(family: str) -> VLMConfig:
+    """`tiny_config` for a name of `FAMILIES`."""
+    name, _, grid = family.partition("-")
+    return tiny_config(name, image_positions="grid" if grid else "sequence")
+
+
 SMALL_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 
 
@@ -51,6 +61,7 @@ def tiny_config(
     projector: str = "mlp",
     factor: int = 2,
     keep_prefix_tokens: bool = False,
+    image_positions: str = "sequence",
 ) -> VLMConfig:
     """The `tiny` preset with another decoder family, encoder or projector swapped in."""
     from vlm.config import VLMConfig
@@ -66,6 +77,7 @@ def tiny_config(
     config.encoder.keep_prefix_tokens = keep_prefix_tokens
     config.projector.kind = projector
     config.projector.factor = factor
+    config.image_positions = image_positions
     return config
 
 

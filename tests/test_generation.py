@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DECODERS, build_tiny, tiny_config
+from conftest import FAMILIES, build_tiny, family_config
 
 from vlm.errors import VLMError
 from vlm.generation import GenerationOptions, generate_texts
@@ -18,9 +18,9 @@ def _images(pil_images):
     return [[pil_images[0]], [], [pil_images[1], pil_images[2]], []]
 
 
-@pytest.fixture(scope="module", params=list(DECODERS))
+@pytest.fixture(scope="module", params=FAMILIES)
 def family(request):
-    return build_tiny(tiny_config(request.param))
+    return build_tiny(family_config(request.param))
 
 
 def _greedy_without_cache(model, batch, steps: int) -> torch.Tensor:

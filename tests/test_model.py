@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DECODERS, build_tiny, tiny_config, training_batch
+from conftest import FAMILIES, build_tiny, family_config, tiny_config, training_batch
 
 from vlm.config import ProjectorConfig, VLMConfig
 from vlm.errors import VLMError
@@ -33,10 +33,10 @@ def _assert_trains(model, processor, images):
     model.eval()
 
 
-@pytest.mark.parametrize("family", list(DECODERS))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_decoder_families_train(family, pil_images):
-    model, processor = build_tiny(tiny_config(family))
-    assert model.decoder.config.model_type == family
+    model, processor = build_tiny(family_config(family))
+    assert model.decoder.config.model_type == family.removesuffix("-grid")
     _assert_trains(model, processor, pil_images)
 
 
@@ -93,9 +93,9 @@ def test_images_must_match_image_positions(tiny, pil_images):
         model(batch["input_ids"], batch["attention_mask"])
 
 
-@pytest.mark.parametrize("family", list(DECODERS))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_left_padding_does_not_change_logits(family, pil_images):
-    model, processor = build_tiny(tiny_config(family))
+    model, processor = build_tiny(family_config(family))
     long_ids = processor.prompt("<image>\nWhat is the shape of the red object on the left?", 1)
     short_ids = processor.prompt("<image>\nHi", 1)
     pixels = processor.transform(pil_images[:2])

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import build_tiny, solid, tiny_config
+from conftest import build_tiny, family_config, solid, tiny_config
 
 from train.collate import Collator, pack_rows
 from train.data import VLMDataModule
@@ -66,11 +66,12 @@ def test_packed_batch_layout(tiny):
 
 # transformers' GPT-J has eager attention only.
 CASES = [(f, a) for f in PACKING_FAMILIES for a in ("sdpa", "eager") if (f, a) != ("gptj", "sdpa")]
+CASES += [("llama-grid", "sdpa"), ("qwen2-grid", "eager")]  # image tokens with grid positions
 
 
 @pytest.mark.parametrize(("family", "attention"), CASES)
 def test_packed_and_padded_batches_give_the_same_logits_and_loss(family, attention):
-    model, processor = build_tiny(tiny_config(family))
+    model, processor = build_tiny(family_config(family))
     model.decoder.set_attn_implementation(attention)
     samples = samples_for(processor)
     # Also label each sample's first token: packed, it must not become a target of the sample before it.

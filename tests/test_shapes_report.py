@@ -71,6 +71,37 @@ def test_explained_answers_name_the_closest_and_furthest_object(data: dict, tmp_
     assert named_self["named_other"] == n_closest and sum(named_self["named_rank"]) == 0
 
 
+def _nearest_in_sequence(row: dict) -> str:
+    """The object named by a model that takes "closest" to mean closest in row-major order of 15 px patches (the
+    `shapes` preset's 5x5 grid), the true distance breaking ties; an explained answer naming it."""
+    split, index = Path(row["image"]).stem.split("_")
+    color = row["question"].split()[-2]
+    scene = scene_for(split, int(index), SEED)
+    x = next(o for o in scene if o.color == color)
+
+    def apart(o):
+        cells = [(c[1] // 15) * 5 + c[0] // 15 for c in (o.center, x.center)]
+        return abs(cells[0] - cells[1]), (o.center[0] - x.center[0]) ** 2 + (o.center[1] - x.center[1]) ** 2
+
+    y = min((o for o in scene if o is not x), key=apart)
+    return f"{y.color} {y.shape}"
+
+
+def test_named_objects_are_read_by_several_measures_of_distance(data: dict, tmp_path: Path) -> None:
+    rows = [r for r in data["explained"] if r["subtype"] == "closest_shape"]
+    right = shapes_report(str(_write(tmp_path / "r.jsonl", rows, lambda r: r["answer"])), seed=SEED)["closest_shape"]
+    n = len(rows)
+    assert right["named_by"]["distance"] == n
+    assert right["named_by"]["vertical"] < n and right["named_by"]["horizontal"] < n
+    in_sequence = shapes_report(str(_write(tmp_path / "q.jsonl", rows, _nearest_in_sequence)), seed=SEED)
+    by = in_sequence["closest_shape"]["named_by"]
+    assert by["sequence"] == n and by["distance"] == in_sequence["closest_shape"]["named_rank"][0] < n
+    # Furthest questions count the named object that is furthest by each measure.
+    far = [r for r in data["explained"] if r["subtype"] == "furthest_shape"]
+    far_report = shapes_report(str(_write(tmp_path / "f.jsonl", far, lambda r: r["answer"])), seed=SEED)
+    assert far_report["furthest_shape"]["named_by"]["distance"] == len(far)
+
+
 def _majority_shape(row: dict) -> str:
     split, index = Path(row["image"]).stem.split("_")
     color = row["question"].split()[-2]

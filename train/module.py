@@ -151,6 +151,8 @@ class VLMModule(LightningModule):
             more depth than the model it starts from; see `vlm.decoder.expand_layers`).
         images_after_text: Set where images go in a turn without `<image>` placeholders (`VLMConfig.images_after_text`):
             after the text, so the decoder reads the question before the image, or before it. Unset: the model's own.
+        image_positions: Set the decoder's rotary positions for image tokens (`VLMConfig.image_positions`):
+            `sequence` (consecutive, like text) or `grid` (row and column on the patch grid). Unset: the model's own.
         pretrained: Load the pretrained weights the config asks for (encoder/decoder `pretrained`, `weights`).
         lr_encoder: Peak learning rate of the image encoder; 0 freezes it.
         lr_projector: Peak learning rate of the projector; 0 freezes it.
@@ -171,6 +173,7 @@ class VLMModule(LightningModule):
         init_from: str | None = None,
         expand_decoder: int | None = None,
         images_after_text: bool | None = None,
+        image_positions: str | None = None,
         pretrained: bool = True,
         lr_encoder: float = 0.0,
         lr_projector: float = 1e-3,
@@ -199,6 +202,8 @@ class VLMModule(LightningModule):
             self._origin["expand_decoder"] = {"from_layers": old, "to_layers": expand_decoder}
         if images_after_text is not None:  # the processor lays out every prompt, so training and inference agree
             self.vlm.config.images_after_text = self.processor.images_after_text = images_after_text
+        if image_positions is not None:
+            self.vlm.set_image_positions(image_positions)
         for part, lr in self.lrs.items():
             if lr == 0:
                 getattr(self.vlm, part).requires_grad_(False)

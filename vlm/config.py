@@ -74,6 +74,9 @@ class VLMConfig:
     # Where a user turn whose text has no <image> placeholder gets its images: before the text (LLaVA's layout), or
     # after it, so that the decoder reads the question first and every image token can attend to it (early fusion).
     images_after_text: bool = False
+    # The decoder's rotary positions for image tokens: "sequence" (consecutive, like text: LLaVA) or "grid" (each
+    # token's row and column on the patch grid, as in Qwen2-VL's multimodal RoPE; see `vlm.positions`).
+    image_positions: str = "sequence"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

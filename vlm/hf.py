@@ -94,7 +94,7 @@ def export_hf(model_dir: str, out_dir: str) -> None:
 
     The folder loads with `LlavaForConditionalGeneration.from_pretrained` and `AutoProcessor.from_pretrained`
     and gives the same logits and greedy output as the vlm model. Needs a CLIP- or SigLIP-style timm ViT encoder
-    and the mlp projector; anything else is refused.
+    and the mlp projector, with sequence image positions; anything else is refused.
 
     Args:
         model_dir: A vlm checkpoint folder.
@@ -110,6 +110,11 @@ def export_hf(model_dir: str, out_dir: str) -> None:
         raise VLMError(
             f"export-hf supports the mlp projector only (LLaVA's multi_modal_projector); "
             f"this model uses {model.config.projector.kind}"
+        )
+    if model.config.image_positions != "sequence":
+        raise VLMError(
+            "export-hf supports sequence image positions only (LLaVA numbers image tokens like text); "
+            f"this model uses {model.config.image_positions}"
         )
     vision_config, vision_state, has_cls = _vision_to_hf(model.encoder.model, model.config.encoder.name)
     keep_cls = model.encoder.keep_prefix_tokens

@@ -11,6 +11,7 @@ boundaries and makes attention block-diagonal causal, so each sample sees only i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from encoders import ImageEncoder, create_encoder
 from vlm.config import VLMConfig
 from vlm.decoder import build_decoder, expand_layers
 from vlm.errors import VLMError
+from vlm.positions import IMAGE_POSITIONS, grid_offsets, use_grid_rotary
 from vlm.projector import build_projector, num_output_tokens
 
 IGNORE_INDEX = -100
@@ -76,6 +78,7 @@ class VisionLanguageModel(nn.Module):
         self.decoder = decoder
         self.image_token_id = image_token_id
         self.num_image_tokens = num_output_tokens(config.projector, encoder.num_tokens)
+        self.set_image_positions(config.image_positions)
 
     @classmethod
     def from_config(cls, config: VLMConfig, tokenizer: PreTrainedTokenizerBase, pretrained: bool = True):
@@ -125,6 +128,33 @@ class VisionLanguageModel(nn.Module):
         if "layer_types" in self.config.decoder.hf_config:
             self.config.decoder.hf_config["layer_types"] = list(self.decoder.config.layer_types)
         return inserted
+
+    @property
+    def image_grid(self) -> tuple[int, int] | None:
+        """Rows and columns of the image tokens the projector writes, or None if they are not a patch grid (the
+        encoder's class/register tokens kept)."""
+        if self.encoder.keep_prefix_tokens:
+            return None
+        h, w = self.encoder.grid_size
+        f = self.config.projector.factor if self.config.projector.kind == "pixel_shuffle" else 1
+        return h // f, w // f
+
+    def set_image_positions(self, kind: str) -> None:
+        """Switches the decoder's rotary positions for image tokens (`VLMConfig.image_positions`, `vlm.positions`)
+        and records the choice in the config. The weights are unchanged; a model trained with one kind answers
+        differently with the other until trained with it."""
+        if kind not in IMAGE_POSITIONS:
+            raise VLMError(f"image_positions must be one of {', '.join(IMAGE_POSITIONS)}, not {kind!r}")
+        if kind == "grid" and self.image_grid is None:
+            raise VLMError("image_positions grid needs a patch grid: set encoder.keep_prefix_tokens false")
+        self._grid_rotary = use_grid_rotary(self.decoder, kind == "grid")
+        self.config.image_positions = kind
+
+    def _positioned(self, input_ids: Tensor):
+        """A context for one decoder call on `input_ids`: with `grid` image positions, their rotary offsets."""
+        if self._grid_rotary is None:
+            return contextlib.nullcontext()
+        return self._grid_rotary.offsets(grid_offsets(input_ids == self.image_token_id, self.image_grid))
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """(num_images, 3, H, W) -> (num_images, num_image_tokens, D) decoder embeddings."""
@@ -178,9 +208,10 @@ class VisionLanguageModel(nn.Module):
         if position_ids is not None and attention_mask is None:
             check_packing(self.decoder)
         # No cache: the mask builder only looks for packed samples without one, and nothing here reuses it.
-        logits = self.decoder(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).logits
+        with self._positioned(input_ids):
+            logits = self.decoder(
+                inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).logits
         loss = None
         if labels is not None:  # predict token t+1 from position t; only labelled positions count
             targets = labels[:, 1:]
@@ -196,7 +227,8 @@ class VisionLanguageModel(nn.Module):
         """New token ids (B, T_new) for left-padded prompts; `generate_kwargs` go to transformers' `generate`
         (KV cache, greedy / sampling / beam search, stopping, streaming)."""
         embeds = self.embed(input_ids, pixel_values)
-        return self.decoder.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+        with self._positioned(input_ids):  # the offsets apply to the prompt's forward pass only
+            return self.decoder.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
 
 def packing_problem(decoder: PreTrainedModel) -> str | None:
