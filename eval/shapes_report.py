@@ -12,7 +12,8 @@ from `vlm eval --output` is enough to ask, for the closest and furthest question
 * for those answers, is the named object the one asked for under other measures of distance (``named_by``): true
   distance, vertical distance alone, horizontal distance alone, or how far apart the patches holding the two centres
   are in the decoder's sequence (row-major patch order, ties broken by true distance)? A decoder that reads patches
-  in sequence, with sequence positions, sees the patch below another a whole row of patches away;
+  in sequence, with sequence positions, sees the patch below another a whole row of patches away. ``shape_by``
+  counts, for every answer, how often its shape is that of the object each measure picks;
 * is the answer right as often when the object asked for shares an image patch with the object asked about
   (``shares_patch``) as when it does not (``apart``)? Patches are the encoder's (15 px for the `shapes` preset).
 
@@ -98,6 +99,7 @@ def _ranked(counts: Counter) -> dict[str, Any]:
         "named_rank": [counts[f"named{k}"] for k in range(5)],
         "named_other": counts["named_other"],
         "named_by": {m: counts[f"by_{m}"] for m in _MEASURES},
+        "shape_by": {m: counts[f"shape_by_{m}"] for m in _MEASURES},
         "shares_patch": {"questions": counts["shared"], "right": counts["shared_right"]},
         "apart": {"questions": counts["apart"], "right": counts["apart_right"]},
     }
@@ -177,14 +179,17 @@ def shapes_report(predictions: str, seed: int = 0, patch: int = 15) -> dict:
             c["majority"] += said == max(shapes, key=lambda s: shapes[s])  # 5 objects, 2 shapes: never a tie
             for rank, o in enumerate(others):
                 c[f"rank{rank}"] += said == o.shape
+            x, pick = _find(scene, color), min if subtype == "closest_shape" else max
+            picked = {m: pick(others, key=lambda o, key=key: key(x, o)) for m, key in measures.items()}
+            for m, o in picked.items():
+                c[f"shape_by_{m}"] += said == o.shape
             if len(words) >= 2 and words[-2] in COLOR_NAMES:
                 try:
                     c[f"named{distance_rank(scene, color, words[-2])}"] += 1
                 except ValueError:  # the asked-about object itself
                     c["named_other"] += 1
-                x, pick = _find(scene, color), min if subtype == "closest_shape" else max
-                for m, key in measures.items():
-                    c[f"by_{m}"] += pick(others, key=lambda o, key=key: key(x, o)).color == words[-2]
+                for m, o in picked.items():
+                    c[f"by_{m}"] += o.color == words[-2]
             where = "shared" if _patches(_find(scene, color), patch) & _patches(target, patch) else "apart"
             c[where] += 1
             c[f"{where}_right"] += right

@@ -91,11 +91,18 @@ def test_named_objects_are_read_by_several_measures_of_distance(data: dict, tmp_
     rows = [r for r in data["explained"] if r["subtype"] == "closest_shape"]
     right = shapes_report(str(_write(tmp_path / "r.jsonl", rows, lambda r: r["answer"])), seed=SEED)["closest_shape"]
     n = len(rows)
-    assert right["named_by"]["distance"] == n
+    assert right["named_by"]["distance"] == right["shape_by"]["distance"] == n
     assert right["named_by"]["vertical"] < n and right["named_by"]["horizontal"] < n
     in_sequence = shapes_report(str(_write(tmp_path / "q.jsonl", rows, _nearest_in_sequence)), seed=SEED)
     by = in_sequence["closest_shape"]["named_by"]
     assert by["sequence"] == n and by["distance"] == in_sequence["closest_shape"]["named_rank"][0] < n
+    assert in_sequence["closest_shape"]["shape_by"]["sequence"] == n  # its shape is the sequence-closest one's
+    # One-word answers name nothing, but their shapes are read by every measure all the same.
+    plain = [r for r in data["plain"] if r["subtype"] == "closest_shape"]
+    one_word = shapes_report(str(_write(tmp_path / "o.jsonl", plain, lambda r: r["answer"])), seed=SEED)
+    assert one_word["closest_shape"]["named_by"] == dict.fromkeys(by, 0)
+    assert one_word["closest_shape"]["shape_by"]["distance"] == len(plain)
+    assert one_word["closest_shape"]["shape_by"]["horizontal"] < len(plain)
     # Furthest questions count the named object that is furthest by each measure.
     far = [r for r in data["explained"] if r["subtype"] == "furthest_shape"]
     far_report = shapes_report(str(_write(tmp_path / "f.jsonl", far, lambda r: r["answer"])), seed=SEED)
