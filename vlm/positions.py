@@ -48,8 +48,8 @@ def grid_offsets(image_mask: Tensor, grid: tuple[int, int]) -> Tensor:
 
 class GridRotary(nn.Module):
     """Wraps a decoder's rotary embedding: while `offsets(...)` is active, the forward pass it was made for gets
-    `grid` positions (see the module docstring); every other call (a cached generation step, a text-only forward)
-    gets the wrapped module's own angles."""
+    `grid` positions (see the module docstring; text tokens get the same angles as from the wrapped module); every
+    other call (a cached generation step) gets the wrapped module's own."""
 
     def __init__(self, rotary: nn.Module):
         super().__init__()
@@ -66,7 +66,7 @@ class GridRotary(nn.Module):
 
     def forward(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         offsets = self._offsets
-        if offsets is None or offsets.shape[1] != position_ids.shape[1] or not offsets.any():
+        if offsets is None or offsets.shape[1] != position_ids.shape[1]:
             return self.rotary(x, position_ids)
         if offsets.shape[0] != position_ids.shape[0]:  # generate() repeats each prompt for beams / samples
             offsets = offsets.repeat_interleave(position_ids.shape[0] // offsets.shape[0], dim=0)
