@@ -24,7 +24,6 @@ whose position the caption gets right (:func:`eval.shapes.caption_scores`).
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -43,6 +42,7 @@ from eval.shapes import (
     distance_rank,
     scene_for,
 )
+from vlm.data import json_lines
 from vlm.errors import VLMError
 
 _IMAGE_NAME = re.compile(r"(?:^|/)(" + "|".join(SPLITS) + r")_(\d+)\.png$")
@@ -131,68 +131,60 @@ def shapes_report(predictions: str, seed: int = 0, patch: int = 15) -> dict:
     measures = {m: _measure(m, patch) for m in _MEASURES}
     caption_rows, caption_sums = 0, Counter()
     skipped = bad = 0
-    with path.open(encoding="utf-8") as f:
-        for line_number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
+    for line_number, row, error in json_lines(path):
+        if error is not None or not isinstance(row, dict):
+            bad += 1
+            continue
+        said_text = str(row.get("prediction") or "").lower()
+        if isinstance(row.get("caption"), str) and "question" not in row:
             try:
-                row = json.loads(text)
-            except json.JSONDecodeError:
-                bad += 1
-                continue
-            if not isinstance(row, dict):
-                bad += 1
-                continue
-            said_text = str(row.get("prediction") or "").lower()
-            if isinstance(row.get("caption"), str) and "question" not in row:
-                try:
-                    caption_sums.update(caption_scores(said_text, row["caption"]))
-                except ValueError as e:
-                    raise VLMError(f"{path}:{line_number}: {e}") from None
-                caption_rows += 1
-                continue
-            asked = _question(row)
-            if asked is None or asked[0] not in counts:
-                skipped += asked is None
-                continue
-            subtype, color = asked
-            m = _IMAGE_NAME.search(str(row.get("image", "")))
-            if not m:
-                raise VLMError(
-                    f"{path}:{line_number}: image {row.get('image')!r} is not named like a `vlm data shapes` image "
-                    "(images/SPLIT_INDEX.png)"
-                )
-            scene = scene_for(m.group(1), int(m.group(2)), seed)
-            words = said_text.split()
-            said = words[-1] if words else ""
-            c = counts[subtype]
-            c["questions"] += 1
-            right = said == answer_question(scene, color, subtype)
-            c["right"] += right
-            if subtype == "count":
-                squares = sum(o.shape == "square" for o in scene)
-                c["larger_count"] += said == str(max(squares, len(scene) - squares))
-                continue
-            others = by_distance(scene, color)
-            target = others[0] if subtype == "closest_shape" else others[-1]
-            shapes = Counter(o.shape for o in others)
-            c["majority"] += said == max(shapes, key=lambda s: shapes[s])  # 5 objects, 2 shapes: never a tie
-            for rank, o in enumerate(others):
-                c[f"rank{rank}"] += said == o.shape
-            x, pick = _find(scene, color), min if subtype == "closest_shape" else max
-            picked = {m: pick(others, key=lambda o, key=key: key(x, o)) for m, key in measures.items()}
+                caption_sums.update(caption_scores(said_text, row["caption"]))
+            except ValueError as e:
+                raise VLMError(f"{path}:{line_number}: {e}") from None
+            caption_rows += 1
+            continue
+        asked = _question(row)
+        if asked is None or asked[0] not in counts:
+            skipped += asked is None
+            continue
+        subtype, color = asked
+        m = _IMAGE_NAME.search(str(row.get("image", "")))
+        if not m:
+            raise VLMError(
+                f"{path}:{line_number}: image {row.get('image')!r} is not named like a `vlm data shapes` image "
+                "(images/SPLIT_INDEX.png)"
+            )
+        scene = scene_for(m.group(1), int(m.group(2)), seed)
+        words = said_text.split()
+        said = words[-1] if words else ""
+        c = counts[subtype]
+        c["questions"] += 1
+        right = said == answer_question(scene, color, subtype)
+        c["right"] += right
+        if subtype == "count":
+            squares = sum(o.shape == "square" for o in scene)
+            c["larger_count"] += said == str(max(squares, len(scene) - squares))
+            continue
+        others = by_distance(scene, color)
+        target = others[0] if subtype == "closest_shape" else others[-1]
+        shapes = Counter(o.shape for o in others)
+        c["majority"] += said == max(shapes, key=lambda s: shapes[s])  # 5 objects, 2 shapes: never a tie
+        for rank, o in enumerate(others):
+            c[f"rank{rank}"] += said == o.shape
+        x, pick = _find(scene, color), min if subtype == "closest_shape" else max
+        picked = {m: pick(others, key=lambda o, key=key: key(x, o)) for m, key in measures.items()}
+        for m, o in picked.items():
+            c[f"shape_by_{m}"] += said == o.shape
+        if len(words) >= 2 and words[-2] in COLOR_NAMES:
+            try:
+                c[f"named{distance_rank(scene, color, words[-2])}"] += 1
+            except ValueError:  # the asked-about object itself
+                c["named_other"] += 1
             for m, o in picked.items():
-                c[f"shape_by_{m}"] += said == o.shape
-            if len(words) >= 2 and words[-2] in COLOR_NAMES:
-                try:
-                    c[f"named{distance_rank(scene, color, words[-2])}"] += 1
-                except ValueError:  # the asked-about object itself
-                    c["named_other"] += 1
-                for m, o in picked.items():
-                    c[f"by_{m}"] += o.color == words[-2]
-            where = "shared" if _patches(_find(scene, color), patch) & _patches(target, patch) else "apart"
-            c[where] += 1
-            c[f"{where}_right"] += right
+                c[f"by_{m}"] += o.color == words[-2]
+        where = "shared" if _patches(x, patch) & _patches(target, patch) else "apart"
+        c[where] += 1
+        c[f"{where}_right"] += right
     if not caption_rows and not any(c["questions"] for c in counts.values()):
         raise VLMError(f"{path} holds no Sort-of-CLEVR closest, furthest or count questions and no captions")
     report: dict[str, Any] = {"predictions": str(path), "seed": seed, "patch": patch}

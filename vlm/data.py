@@ -141,6 +141,19 @@ def parse_row(
         raise
 
 
+def json_lines(path: Path) -> Iterator[tuple[int, Any, json.JSONDecodeError | None]]:
+    """`(line number, value, None)` for each non-blank line of a JSONL file, or `(line number, None, error)` for a
+    line that is not JSON. Numbers count every line from 1, blank ones included."""
+    with path.open(encoding="utf-8") as f:
+        for number, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                yield number, json.loads(text), None
+            except json.JSONDecodeError as e:
+                yield number, None, e
+
+
 def read_jsonl(
     path: str | Path, caption_prompt: str = "Describe the image.", require_target: bool = True
 ) -> Iterator[Example | RowError]:
@@ -153,20 +166,15 @@ def read_jsonl(
     if not path.is_file():
         raise VLMError(f"data file not found: {path}")
     base = path.parent
-    with path.open(encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield RowError(f"bad JSON ({e.msg})", number)
-                continue
-            try:
-                yield parse_row(row, base, caption_prompt, require_target, number)
-            except RowError as e:
-                e.row = row
-                yield e
+    for number, row, error in json_lines(path):
+        if error is not None:
+            yield RowError(f"bad JSON ({error.msg})", number)
+            continue
+        try:
+            yield parse_row(row, base, caption_prompt, require_target, number)
+        except RowError as e:
+            e.row = row
+            yield e
 
 
 # ---- Hugging Face datasets ----------------------------------------------------------------------------------------

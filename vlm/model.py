@@ -26,7 +26,7 @@ from vlm.config import VLMConfig
 from vlm.decoder import build_decoder, expand_layers
 from vlm.errors import VLMError
 from vlm.positions import IMAGE_POSITIONS, grid_offsets, use_grid_rotary
-from vlm.projector import build_projector, num_output_tokens
+from vlm.projector import build_projector, num_output_tokens, output_grid
 
 IGNORE_INDEX = -100
 
@@ -135,9 +135,7 @@ class VisionLanguageModel(nn.Module):
         encoder's class/register tokens kept)."""
         if self.encoder.keep_prefix_tokens:
             return None
-        h, w = self.encoder.grid_size
-        f = self.config.projector.factor if self.config.projector.kind == "pixel_shuffle" else 1
-        return h // f, w // f
+        return output_grid(self.config.projector, self.encoder.grid_size)
 
     def set_image_positions(self, kind: str) -> None:
         """Switches the decoder's rotary positions for image tokens (`VLMConfig.image_positions`, `vlm.positions`)

@@ -50,5 +50,16 @@ def build_projector(cfg: ProjectorConfig, in_dim: int, out_dim: int, grid_size: 
     raise VLMError(f"unknown projector kind {cfg.kind!r}; choose mlp or pixel_shuffle")
 
 
+def _fold(cfg: ProjectorConfig) -> int:
+    """How many patches of each row and column the projector folds into one token."""
+    return cfg.factor if cfg.kind == "pixel_shuffle" else 1
+
+
 def num_output_tokens(cfg: ProjectorConfig, num_input_tokens: int) -> int:
-    return num_input_tokens // (cfg.factor**2) if cfg.kind == "pixel_shuffle" else num_input_tokens
+    return num_input_tokens // _fold(cfg) ** 2
+
+
+def output_grid(cfg: ProjectorConfig, grid_size: tuple[int, int]) -> tuple[int, int]:
+    """Rows and columns of the tokens the projector writes for an encoder patch grid."""
+    h, w = grid_size
+    return h // _fold(cfg), w // _fold(cfg)
