@@ -79,34 +79,25 @@ class GridRotary(nn.Module):
         return (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
 
 
-def rotary_of(decoder: PreTrainedModel) -> nn.Module | None:
-    """The decoder's rotary-embedding module (`decoder.model.rotary_emb`), or None if it has none."""
-    rotary = getattr(getattr(decoder, "model", None), "rotary_emb", None)
+def use_grid_rotary(decoder: PreTrainedModel, on: bool) -> GridRotary | None:
+    """Puts a `GridRotary` around the decoder's rotary embedding (`decoder.model.rotary_emb`) and returns it (`on`),
+    or takes any off and returns None.
+
+    Raises:
+        VLMError: `on` for a decoder without one rotary-embedding module (e.g. gpt2's learned positions).
+    """
+    model = getattr(decoder, "model", None)
+    rotary = getattr(model, "rotary_emb", None)
+    if not on:
+        if isinstance(rotary, GridRotary):
+            model.rotary_emb = rotary.rotary
+        return None
     if isinstance(rotary, GridRotary):
         return rotary
     if rotary is None or not hasattr(rotary, "inv_freq") or not hasattr(rotary, "attention_scaling"):
-        return None
-    return rotary
-
-
-def use_grid_rotary(decoder: PreTrainedModel, on: bool) -> GridRotary | None:
-    """Puts a `GridRotary` around the decoder's rotary embedding (`on`), or takes it off; returns the wrapper or None.
-
-    Raises:
-        VLMError: `on` for a decoder without rotary position embeddings (e.g. gpt2's learned positions).
-    """
-    rotary = rotary_of(decoder)
-    if rotary is None:
-        if on:
-            family = decoder.config.model_type
-            raise VLMError(
-                "image_positions grid needs a decoder whose rotary position embedding is one module "
-                f"(model.rotary_emb: llama, qwen2, ...); a {family} decoder has none"
-            )
-        return None
-    if on and not isinstance(rotary, GridRotary):
-        rotary = decoder.model.rotary_emb = GridRotary(rotary)
-    elif not on and isinstance(rotary, GridRotary):
-        decoder.model.rotary_emb = rotary.rotary
-        return None
-    return rotary if on else None
+        raise VLMError(
+            "image_positions grid needs a decoder whose rotary position embedding is one module "
+            f"(model.rotary_emb: llama, qwen2, ...); a {decoder.config.model_type} decoder has none"
+        )
+    model.rotary_emb = GridRotary(rotary)
+    return model.rotary_emb
