@@ -17,6 +17,7 @@ and an `"error"`), so `vlm eval --predictions` can rescore it, and so can the ou
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -342,6 +343,8 @@ def evaluate(
         caption_prompt = VLMConfig().caption_prompt  # prompts are not used when scoring a file
     rows = _read_data(data, caption_prompt, split, columns, limit)
     task = _resolve_task(task, rows)
+    if gen.max_new_tokens is None and net is not None and task == "vqa" and net.config.answer_tokens:
+        gen = dataclasses.replace(gen, max_new_tokens=net.config.answer_tokens)
     loaded = time.perf_counter()
     if predictions is None:
         for _ in run_items(rows.items, net, processor, gen, batch_size):

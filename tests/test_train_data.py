@@ -166,3 +166,29 @@ def test_ranks_get_disjoint_shares_and_skip_within_their_own():
     assert sorted(shares[0] + shares[1]) == data
     samplers[1].start = 4
     assert list(samplers[1]) == shares[1][4:]
+
+
+def test_generation_rows_come_first_and_a_cutting_val_limit_is_refused(tmp_path, processor):
+    img = image(tmp_path)
+    rows = [{"image": img, "question": f"question {i}?", "answer": f"a{i}"} for i in range(10)]
+    path = write_jsonl(tmp_path / "val.jsonl", rows)
+    dataset = VLMDataset(JsonlRows(path, processor.caption_prompt), processor, generate={2, 5, 8})
+    # The three chosen rows are items 0-2 (so any prefix of batches holds them), then the rest in file order.
+    refs = [dataset[i].get("references") for i in range(10)]
+    assert refs[:3] == [["a2"], ["a5"], ["a8"]] and refs[3:] == [None] * 7
+    decode = processor.tokenizer.decode
+    rest = [0, 1, 3, 4, 6, 7, 9]
+    assert all(f"question {k}?" in decode(dataset[i]["input_ids"]) for i, k in zip(range(3, 10), rest))
+
+    class Trainer:  # what the data module reads of a trainer
+        limit_val_batches = 1
+        world_size, global_rank = 1, 0
+
+    module = VLMDataModule(train=str(path), val=str(path), batch_size=2, generate_samples=3)
+    module.processor, module.trainer = processor, Trainer()
+    with pytest.raises(VLMError, match=r"limit_val_batches=1 validates 1 batches, but the 3 generation rows"):
+        module.setup("validate")
+    Trainer.limit_val_batches = 2  # two batches of two hold all three
+    module.val_set = None
+    module.setup("validate")
+    assert module.val_set.num_generate == 3

@@ -16,6 +16,7 @@ loader then starts the epoch after the batches already trained on, in the same s
 from __future__ import annotations
 
 import json
+import math
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -180,25 +181,31 @@ def _bad_row(where: str, error: VLMError) -> tuple[str, str]:
 class VLMDataset(Dataset):
     """Rows -> encoded samples. A broken row is replaced by the next good one and reported in the sample's `bad`.
 
-    Rows whose index is in `generate` also carry a generation prompt (question rows only; see `encode_sample`).
+    Rows whose index is in `generate` also carry a generation prompt (question rows only; see `encode_sample`), and
+    come first: item k is the k-th of them, then the other rows follow in file order, so a validation cut short by
+    `trainer.limit_val_batches` still answers every chosen row.
     """
 
     def __init__(
         self, rows: RowSource, processor: Processor, max_length: int | None = None, generate: set[int] | None = None
     ):
         self.rows, self.processor, self.max_length = rows, processor, max_length
-        self.generate = generate or set()
+        chosen = sorted(generate or ())
+        self.num_generate = len(chosen)
+        self.order = chosen + sorted(set(range(len(rows))) - set(chosen)) if chosen else None
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         bad: list[tuple[str, str]] = []
+        first = self.order[index] if self.order is not None else index
         for k in range(MAX_CONSECUTIVE_BAD):
-            i = (index + k) % len(self.rows)
+            i = (first + k) % len(self.rows)
             try:
                 example, images = self.rows.get(i)
-                sample = _encode(self.processor, example, images, self.max_length, with_prompt=index in self.generate)
+                with_prompt = index < self.num_generate
+                sample = _encode(self.processor, example, images, self.max_length, with_prompt=with_prompt)
             except VLMError as e:
                 bad.append(_bad_row(self.rows.key(i), e))
                 continue
@@ -450,8 +457,25 @@ class VLMDataModule(LightningDataModule):
         if stage in ("fit", "validate") and self.val and self.val_set is None:
             self.val_set = self._map_dataset(self.val, self.val_split, "validation", self.generate_samples)
             self.val_errors = list(self.val_set.rows.errors)
+            self._check_val_limit()
         if stage == "validate" and not self.val:
             raise VLMError("no validation data: set --data.val")
+
+    def _check_val_limit(self) -> None:
+        """Refuses a `trainer.limit_val_batches` that would cut the generation rows (they come first: `VLMDataset`),
+        so `val/accuracy` always answers every one of `generate_samples`."""
+        limit = getattr(self.trainer, "limit_val_batches", None) if self.trainer is not None else None
+        needed = math.ceil(self.val_set.num_generate / self.val_batch_size)
+        if limit is None or needed == 0:
+            return
+        total = math.ceil(len(self.val_set) / self.val_batch_size)
+        batches = limit if isinstance(limit, int) else int(limit * total)
+        if batches < needed:
+            raise VLMError(
+                f"trainer.limit_val_batches={limit} validates {batches} batches, but the {self.val_set.num_generate} "
+                f"generation rows (data.generate_samples) need {needed} of {self.val_batch_size}: raise it or lower "
+                "data.generate_samples"
+            )
 
     def describe(self) -> dict[str, Any]:
         """The data as given and what indexing found in it, for the run's training record.

@@ -18,13 +18,16 @@ from vlm.errors import VLMError
 from vlm.model import VisionLanguageModel
 from vlm.processor import Processor
 
+DEFAULT_MAX_NEW_TOKENS = 64
+
 
 @dataclass
 class GenerationOptions:
     """How to pick tokens.
 
     Args:
-        max_new_tokens: Stop after this many new tokens (or at the end-of-turn token).
+        max_new_tokens: Stop after this many new tokens (or at the end-of-turn token). Unset: 64, except that `vlm eval`
+            of question rows uses the answer length the model was trained with (`VLMConfig.answer_tokens`).
         temperature: 0 for greedy decoding; above 0 samples with this temperature.
         top_k: Sample only among the k most likely tokens (0: no limit).
         top_p: Sample only within this cumulative probability (1.0: no limit).
@@ -33,7 +36,7 @@ class GenerationOptions:
         seed: Random seed for sampling, for reproducible outputs.
     """
 
-    max_new_tokens: int = 64
+    max_new_tokens: int | None = None
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -43,7 +46,7 @@ class GenerationOptions:
 
     def __post_init__(self):
         checks = [
-            (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
+            (self.max_new_tokens is None or self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
             (self.temperature >= 0, "temperature must be 0 (greedy) or positive"),
             (self.top_k >= 0, "top_k must be 0 (off) or positive"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
@@ -54,11 +57,16 @@ class GenerationOptions:
             if not ok:
                 raise VLMError(message)
 
+    @property
+    def new_tokens(self) -> int:
+        """`max_new_tokens`, or the default when unset."""
+        return self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+
     def hf_kwargs(self, processor: Processor) -> dict[str, Any]:
         """Keyword arguments for transformers' `generate`."""
         sample = self.temperature > 0
         kw: dict[str, Any] = {
-            "max_new_tokens": self.max_new_tokens,
+            "max_new_tokens": self.new_tokens,
             "do_sample": sample,
             "num_beams": self.num_beams,
             "repetition_penalty": self.repetition_penalty,
@@ -88,11 +96,11 @@ def generate_texts(
     options = options or GenerationOptions()
     batch = processor(prompts, images, history)
     limit = context_length(model.decoder)
-    needed = batch["input_ids"].shape[1] + options.max_new_tokens
+    needed = batch["input_ids"].shape[1] + options.new_tokens
     if limit is not None and needed > limit:
         raise VLMError(
             f"the prompt is {batch['input_ids'].shape[1]} tokens (images included); with max_new_tokens "
-            f"{options.max_new_tokens} that exceeds the decoder's context of {limit} tokens"
+            f"{options.new_tokens} that exceeds the decoder's context of {limit} tokens"
         )
     device = next(model.parameters()).device
     batch = {k: v.to(device) if v is not None else None for k, v in batch.items()}
