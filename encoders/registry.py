@@ -16,6 +16,8 @@ import timm
 import torch
 from torch import nn
 
+from encoders.ports import to_timm
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -35,9 +37,18 @@ class ImageEncoder(nn.Module):
 
     Features are the chosen block's output without the final norm, exactly what LLaVA reads from a
     transformers vision tower's `hidden_states[feature_layer]`. Blocks after that layer are removed.
+
+    `input_size` sets the side (or (height, width)) of the images it reads, for models that take any size (CNNs):
+    their grid of tokens follows it. A ViT's size is part of its architecture (`img_size` when it is built).
     """
 
-    def __init__(self, model: nn.Module, feature_layer: int = -1, keep_prefix_tokens: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        feature_layer: int = -1,
+        keep_prefix_tokens: bool = False,
+        input_size: int | tuple[int, int] | None = None,
+    ):
         super().__init__()
         is_vit = hasattr(model, "blocks") and hasattr(model, "patch_embed")
         # ViTs count blocks; other timm models count the stages their forward_intermediates can return.
@@ -52,19 +63,29 @@ class ImageEncoder(nn.Module):
         self.model = model
         self.num_prefix_tokens = getattr(model, "num_prefix_tokens", 0)
         self.keep_prefix_tokens = keep_prefix_tokens and self.num_prefix_tokens > 0
-        self.data_config = self._data_config(model)
+        self.data_config = self._data_config(model, input_size)
         self.num_features, self.grid_size = self._feature_shape()
         self.num_tokens = self.grid_size[0] * self.grid_size[1] + (
             self.num_prefix_tokens if self.keep_prefix_tokens else 0
         )
 
     @staticmethod
-    def _data_config(model: nn.Module) -> dict[str, Any]:
+    def _data_config(model: nn.Module, input_size: int | tuple[int, int] | None = None) -> dict[str, Any]:
         cfg = timm.data.resolve_model_data_config(model)
         # timm's pretrained config keeps its own input size even when `img_size` was overridden.
         img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
         if img_size is not None:
             cfg["input_size"] = (3, *img_size)
+        if input_size is not None:
+            size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+            if len(size) != 2 or min(size) < 1:
+                raise ValueError(f"input_size must be a side or (height, width) in pixels, got {input_size}")
+            if img_size is not None and tuple(img_size) != size:
+                raise ValueError(
+                    f"input_size {size} differs from this ViT's img_size {tuple(img_size)}: a ViT's size is part of "
+                    "its architecture, set it with the override img_size"
+                )
+            cfg["input_size"] = (3, *size)
         return {k: cfg[k] for k in ("input_size", "mean", "std", "interpolation")}
 
     @torch.no_grad()
@@ -103,6 +124,7 @@ def create_encoder(
     pos_embed_std: float | None = None,
     feature_layer: int = -1,
     keep_prefix_tokens: bool = False,
+    input_size: int | tuple[int, int] | None = None,
     **overrides: Any,
 ) -> ImageEncoder:
     """Builds an encoder by name.
@@ -110,11 +132,14 @@ def create_encoder(
     Args:
         name: A registered encoder or any timm model name.
         pretrained: Load the published weights by name (needs the model hub).
-        weights: Load weights from this local file instead (.safetensors or a torch state dict).
+        weights: Load weights from this local file instead (.safetensors or a torch state dict; the layouts of
+            `encoders.ports` are renamed onto the timm model first).
         pos_embed_std: Redraw a ViT's learned position embedding with this std (for a model started from scratch;
             refused with pretrained weights, which it would overwrite).
         feature_layer: Which hidden state to return (-1 last block, -2 penultimate, k >= 1 block k).
         keep_prefix_tokens: Keep class/register tokens in the output.
+        input_size: Side (or (height, width)) in pixels of the images a CNN reads, instead of its pretrained
+            config's (e.g. 96 for small images: fewer tokens, much less compute). ViTs take `img_size` instead.
         overrides: Keyword arguments for the model's constructor, e.g. `img_size=384`.
     """
     kwargs: dict[str, Any] = {"num_classes": 0, **overrides}
@@ -140,14 +165,17 @@ def create_encoder(
             raise ValueError(f"pos_embed_std needs a ViT with a learned position embedding and a std > 0 ({name})")
         with torch.no_grad():
             nn.init.trunc_normal_(model.pos_embed, std=pos_embed_std, a=-2 * pos_embed_std, b=2 * pos_embed_std)
-    return ImageEncoder(model, feature_layer=feature_layer, keep_prefix_tokens=keep_prefix_tokens)
+    return ImageEncoder(
+        model, feature_layer=feature_layer, keep_prefix_tokens=keep_prefix_tokens, input_size=input_size
+    )
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
     """Loads a local weights file strictly: every key must match (a classifier head in the file is ignored).
 
     timm's own file loading is lenient for headless models, so a file meant for another architecture would load
-    nothing and leave the encoder random without an error; this refuses it instead.
+    nothing and leave the encoder random without an error; this refuses it instead. A file in another codebase's
+    layout that `encoders.ports` knows (e.g. the EfficientNet PyTorch ports) is renamed onto the model first.
     """
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -160,7 +188,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
                 state = state[wrapper]
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds no state dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = to_timm({k.removeprefix("module."): v for k, v in state.items()}, model)
     heads = model.pretrained_cfg.get("classifier") or ()
     heads = (heads,) if isinstance(heads, str) else tuple(heads)
     state = {k: v for k, v in state.items() if not any(k == h or k.startswith(h + ".") for h in heads)}

@@ -1,6 +1,5 @@
-"""The shipped default model (samples/shapes-model/: samples/configs/shapes.yaml, then shapes-stage2.yaml to
-shapes-stage4.yaml, shapes-stage5-explain.yaml, shapes-stage6.yaml, shapes-stage7.yaml, shapes-cells.yaml,
-shapes-stage8.yaml and shapes-stage9.yaml) on the sample images.
+"""The shipped default model (samples/shapes-model/: the ten-stage model of docs/shapes-history.md, whose recipes are in
+git history) on the sample images.
 
 A real check of the real checkpoint on the CPU: samples/images/ holds test-split images (never trained on) with
 their true captions and answers. On the whole test split the model's captions give 99.75% of the objects' positions

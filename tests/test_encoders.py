@@ -156,7 +156,7 @@ def test_registered_encoders_take_precedence():
         enc = create_encoder("vit_tiny_patch16_224", embed_dim=48)
         assert calls == [(False, {"num_classes": 0, "embed_dim": 48})]
         assert len(enc.model.blocks) == 1 and enc.num_features == 32
-        assert list_encoders()[0] == "vit_tiny_patch16_224"
+        assert "vit_tiny_patch16_224" in list_encoders()[: len(_REGISTRY)]  # registered names come first
         assert "vit_tiny_patch16_224" in list_encoders("vit_tiny*")
     finally:
         del _REGISTRY["vit_tiny_patch16_224"]
@@ -167,3 +167,26 @@ def test_non_vit_encoder_uses_stage_features():
     assert enc.grid_size == (14, 14) and enc.num_features == 160
     out = enc(torch.randn(1, 3, 224, 224))
     assert out.shape == (1, 196, 160)
+
+
+@pytest.mark.parametrize(("img_size", "patch_size", "grid"), [(75, 16, (5, 5)), (64, 16, (4, 4)), (33, 8, (5, 5))])
+def test_convstem_grid_is_the_ceiling_of_size_over_patch(img_size, patch_size, grid):
+    enc = create_encoder("vit_convstem", img_size=img_size, patch_size=patch_size, embed_dim=32, depth=1, num_heads=2)
+    assert enc.grid_size == grid and enc.num_tokens == grid[0] * grid[1]
+    assert enc.data_config["input_size"] == (3, img_size, img_size)
+    assert enc(torch.randn(2, 3, img_size, img_size)).shape == (2, grid[0] * grid[1], 32)
+    # log2(patch) stride-2 convolutions, then the 1x1 projection to the embedding width
+    convs = [m for m in enc.model.patch_embed.proj if isinstance(m, nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2)] * (patch_size.bit_length() - 1) + [(1, 1)]
+
+
+def test_convstem_trains_its_stem_and_refuses_what_it_cannot_be():
+    enc = create_encoder("vit_convstem", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    enc(torch.randn(4, 3, 32, 32)).pow(2).mean().backward()
+    first = enc.model.patch_embed.proj[0]
+    assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="power-of-two"):
+        create_encoder("vit_convstem", img_size=30, patch_size=10, embed_dim=32, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match="no published weights"):
+        create_encoder("vit_convstem", pretrained=True, img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    assert "vit_convstem" in list_encoders()

@@ -274,12 +274,23 @@ def test_import_foreign_llava_folder(tmp_path, bos):
     assert diff <= 1e-4
 
 
-def test_every_small_preset_exports(tmp_path):
-    for name in ("tiny", "shapes"):
+def test_small_presets_export_or_say_why_not(tmp_path):
+    model, processor = build(VLMConfig.from_name("tiny"))
+    save_checkpoint(model, tmp_path / "tiny", processor)
+    export_hf(str(tmp_path / "tiny"), str(tmp_path / "tiny-hf"))
+    assert (tmp_path / "tiny-hf" / "config.json").is_file()
+    # The from-scratch presets have what LLaVA has not: a projector output norm and a convolutional stem.
+    for name in ("scratch", "shapes"):
         model, processor = build(VLMConfig.from_name(name))
         save_checkpoint(model, tmp_path / name, processor)
-        export_hf(str(tmp_path / name), str(tmp_path / f"{name}-hf"))
-        assert (tmp_path / f"{name}-hf" / "config.json").is_file()
+        with pytest.raises(VLMError, match="projector with an output norm"):
+            export_hf(str(tmp_path / name), str(tmp_path / f"{name}-hf"))
+    config = VLMConfig.from_name("shapes")
+    config.projector.output_norm = False
+    model, processor = build(config)
+    save_checkpoint(model, tmp_path / "stem", processor)
+    with pytest.raises(VLMError, match="convolutional stem"):
+        export_hf(str(tmp_path / "stem"), str(tmp_path / "stem-hf"))
 
 
 def test_export_refuses_unmappable_models(tmp_path):

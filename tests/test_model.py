@@ -28,7 +28,8 @@ def _assert_trains(model, processor, images):
         assert all(torch.isfinite(g).all() for g in grads)
         assert sum(float(g.abs().sum()) for g in grads) > 0
     # The first patch-embedding weights sit behind every encoder layer: gradients flow all the way back.
-    assert model.encoder.model.patch_embed.proj.weight.grad.abs().sum() > 0
+    first = next(m for m in model.encoder.model.patch_embed.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.weight.grad.abs().sum() > 0
     model.zero_grad(set_to_none=True)
     model.eval()
 
@@ -234,3 +235,21 @@ def test_decoder_expansion_errors():
     model, _ = build_tiny(scrambled=False)
     with pytest.raises(VLMError, match="to fewer"):
         model.expand_decoder(1)
+
+
+@pytest.mark.parametrize("projector", ["mlp", "pixel_shuffle"])
+def test_output_norm_starts_image_tokens_at_the_text_scale(projector, pil_images, tmp_path):
+    config = tiny_config(
+        encoder="vit_convstem",
+        overrides={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
+        projector=projector,
+    )
+    config.projector.output_norm = True
+    model, processor = build_tiny(config, scrambled=False)
+    text_rms = model.decoder.get_input_embeddings().weight.pow(2).mean().sqrt()
+    image = model.encode_images(processor.transform(pil_images[:2]))
+    assert torch.allclose(image.pow(2).mean(-1).sqrt(), text_rms.expand(image.shape[:2]), rtol=1e-3)
+    _assert_trains(model, processor, pil_images)
+    model.save_pretrained(tmp_path / "m", processor)
+    again = VisionLanguageModel.from_pretrained(tmp_path / "m")
+    assert again.config.projector.output_norm and torch.equal(again.projector.norm.weight, model.projector.norm.weight)

@@ -97,6 +97,8 @@ def make_cli(args: list[str], run: bool = True) -> VLMCLI:
     # A resumed run writes into its own folder again: that is intended.
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
     warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty")
+    # Frozen parts are kept in eval mode on purpose (train/module.py): that is intended.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
     return VLMCLI(

@@ -204,9 +204,10 @@ class VLMModule(LightningModule):
             self.vlm.config.images_after_text = self.processor.images_after_text = images_after_text
         if image_positions is not None:
             self.vlm.set_image_positions(image_positions)
+        self.vlm.config.answer_tokens = max_new_tokens  # saved with the model: `vlm eval` answers as validation did
         for part, lr in self.lrs.items():
-            if lr == 0:
-                getattr(self.vlm, part).requires_grad_(False)
+            if lr == 0:  # frozen: no gradients, and eval mode (Lightning keeps it), so a frozen CNN's batch norms use
+                getattr(self.vlm, part).requires_grad_(False).eval()  # and keep their saved statistics
         if lora is not None:
             if lr_decoder == 0:
                 raise VLMError("model.lora trains decoder adapters: set model.lr_decoder > 0")

@@ -32,12 +32,30 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-hf": ("vlm.hf:export_hf", "write a transformers LLaVA folder from a vlm checkpoint"),
     "import-hf": ("vlm.hf:import_hf", "make a vlm checkpoint from a transformers LLaVA folder (or hub id)"),
     "data shapes": ("eval.shapes:generate_shapes", "generate the Sort-of-CLEVR benchmark (JSONL + PNG)"),
+    "data fashion-mnist": (
+        "eval.fashion_mnist:generate_fashion_mnist",
+        "make a VQA and caption set from Fashion-MNIST (Debian package dataset-fashion-mnist)",
+    ),
+    "data objects": ("eval.objects:generate_objects", "generate a synthetic colour/shape/count/position VQA set"),
+    "diagnose": ("train.diagnose:diagnose", "measure whether a model reads the image (norms, probes, attention)"),
     "shapes-report": ("eval.shapes_report:shapes_report", "read shapes answers back against the scenes"),
     "bench": ("eval.bench:bench", "measure training and generation speed against a transformers LLaVA baseline"),
+    "baselines": (
+        "eval.baselines:baselines",
+        "question-only and small-CNN accuracy on a VQA set: what a VLM must beat",
+    ),
+    "probe": ("eval.probe:probe", "linear-probe accuracy of a frozen image encoder: the ceiling for its VLM"),
 }
 OPTIONAL_POSITIONALS: dict[str, tuple[str, ...]] = {"ask": ("image", "question")}
 # Required parameters that read better as options than as positionals.
-REQUIRED_OPTIONS: dict[str, tuple[str, ...]] = {"data shapes": ("out",)}
+REQUIRED_OPTIONS: dict[str, tuple[str, ...]] = {
+    "data shapes": ("out",),
+    "data fashion-mnist": ("out",),
+    "data objects": ("out",),
+    "diagnose": ("data",),
+    "baselines": ("train", "test"),
+    "probe": ("train", "test"),
+}
 LIGHTNING_COMMANDS = {"fit", "validate"}
 
 

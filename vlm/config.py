@@ -30,7 +30,12 @@ class EncoderConfig:
     feature_layer: int = -1
     keep_prefix_tokens: bool = False  # keep the class/register tokens as image tokens
     pretrained: bool = False  # timm weights by name (needs the hub) when building a fresh model
-    weights: str | None = None  # or a local weights file (.safetensors, or a torch state dict)
+    # Or a local weights file (.safetensors, or a torch state dict; `package:<pkg>/<file>` names one inside an
+    # installed Python package). Files in a layout `encoders.ports` knows (EfficientNet PyTorch ports) are renamed.
+    weights: str | None = None
+    # The side in pixels of the images a CNN encoder reads (its token grid follows), instead of its pretrained config's
+    # (e.g. 96 for 28x28 images). A ViT's size is part of its architecture: `overrides: {img_size: ...}`.
+    input_size: int | None = None
     # A ViT started from scratch draws its position embedding with this std (timm's default: 0.02). A larger one
     # keeps each patch's position visible in the features before training has shaped them (see the `shapes` preset).
     pos_embed_std: float | None = None
@@ -46,6 +51,9 @@ class ProjectorConfig:
 
     kind: Literal["mlp", "pixel_shuffle"] = "mlp"
     factor: int = 2  # pixel_shuffle only
+    # An RMS norm on the output whose gain starts at the RMS of the decoder's token embeddings, so image and text
+    # tokens enter the decoder at one scale (docs/learning.md: without it a model trained from scratch ignores images).
+    output_norm: bool = False
 
 
 @dataclass
@@ -77,6 +85,9 @@ class VLMConfig:
     # The decoder's rotary positions for image tokens: "sequence" (consecutive, like text: LLaVA) or "grid" (each
     # token's row and column on the patch grid, as in Qwen2-VL's multimodal RoPE; see `vlm.positions`).
     image_positions: str = "sequence"
+    # The longest answer (in tokens) the training recipe generated for validation (`model.max_new_tokens`): `vlm eval`
+    # generates this many for question rows unless told otherwise, so a model is scored as it was validated.
+    answer_tokens: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,6 +145,22 @@ def _llama(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, max_po
     }
 
 
+def _scratch(img_size: int) -> dict[str, Any]:
+    """A model to train from scratch (docs/learning.md says why each choice): a ViT with a convolutional stem
+    (encoders/convstem.py; ceil(img_size / 16) squared tokens of 16 px), the MLP projector with an output norm that
+    starts image tokens at the scale of text tokens, and a 4-layer Llama 128 wide that reads the question before the
+    image. About 1.9M parameters."""
+    return {
+        "encoder": {
+            "name": "vit_convstem",
+            "overrides": {"img_size": img_size, "patch_size": 16, "embed_dim": 128, "depth": 4, "num_heads": 4},
+        },
+        "projector": {"kind": "mlp", "output_norm": True},
+        "decoder": {"hf_config": _llama(128, 4, 4, 2, 384, 1024), "tokenizer": TINY_TOKENIZER},
+        "images_after_text": True,
+    }
+
+
 # SmolLM2-135M's published architecture (HuggingFaceTB/SmolLM2-135M-Instruct config.json), so the real-size
 # presets can be built offline; its weights come from the hub or a local folder / GGUF file.
 SMOLLM2_135M = _llama(576, 30, 9, 3, 1536, 8192, rope_theta=100000.0, rms_norm_eps=1e-5, vocab_size=49152)
@@ -150,19 +177,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "projector": {"kind": "mlp"},
         "decoder": {"hf_config": _llama(64, 2, 2, 1, 128, 1024), "tokenizer": TINY_TOKENIZER},
     },
-    # Small from-scratch model sized for the shapes benchmark (75x75 images, 5x5 patches of 15 px) on a CPU.
-    # The context fits a 20-question conversation about one image (about 500 tokens). Its position embedding starts
-    # at std 0.6 (timm: 0.02), about the size of a patch's content, so a random ViT's features already say where each
-    # patch is; the recipe (samples/configs/shapes.yaml) keeps the encoder frozen, as explained there.
-    "shapes": {
-        "encoder": {
-            "name": "vit_base_patch16_siglip_224",
-            "overrides": {"img_size": 75, "patch_size": 15, "embed_dim": 128, "depth": 4, "num_heads": 4},
-            "pos_embed_std": 0.6,
-        },
-        "projector": {"kind": "mlp"},
-        "decoder": {"hf_config": _llama(128, 3, 4, 2, 384, 1024), "tokenizer": TINY_TOKENIZER},
-    },
+    # For training from scratch on your own small data on a CPU (samples/configs/scratch.yaml): 64x64 images.
+    "scratch": _scratch(64),
+    # `scratch` on the shapes benchmark's 75x75 images: 5x5 tokens of 16 px (the grid of Relation Networks' CNN). The
+    # context fits a 20-question conversation about one image (about 500 tokens).
+    "shapes": _scratch(75),
     # Shaped like nanoVLM-222M: SigLIP-B/16-224 + SmolLM2-135M, pixel shuffle to 49 image tokens.
     "nanovlm-222m": {
         "encoder": {"name": "vit_base_patch16_siglip_224"},

@@ -111,6 +111,8 @@ def export_hf(model_dir: str, out_dir: str) -> None:
             f"export-hf supports the mlp projector only (LLaVA's multi_modal_projector); "
             f"this model uses {model.config.projector.kind}"
         )
+    if model.config.projector.output_norm:
+        raise VLMError("export-hf cannot export a projector with an output norm: LLaVA's projector has none")
     if model.config.image_positions != "sequence":
         raise VLMError(
             "export-hf supports sequence image positions only (LLaVA numbers image tokens like text); "
@@ -212,6 +214,8 @@ def _vision_to_hf(vit: nn.Module, name: str) -> tuple[Any, dict[str, Tensor], bo
     if vit.num_reg_tokens or vit.no_embed_class or vit.dynamic_img_size or vit.pos_embed is None:
         raise refuse("register tokens, no_embed_class, dynamic image size and missing position embeddings don't map")
     pe = vit.patch_embed
+    if not isinstance(pe.proj, nn.Conv2d):
+        raise refuse("its patch embedding is a convolutional stem, not one patchify convolution")
     if not isinstance(pe.norm, nn.Identity) or pe.dynamic_img_pad or not pe.flatten or pe.proj.in_channels != 3:
         raise refuse("the patch embedding has a norm, dynamic padding or not 3 input channels")
     (ih, iw), (ph, pw) = pe.img_size, pe.patch_size

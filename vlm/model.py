@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from encoders import ImageEncoder, create_encoder
 from vlm.config import VLMConfig
-from vlm.decoder import build_decoder, expand_layers
+from vlm.decoder import PACKAGE_PREFIX, build_decoder, expand_layers, package_file
 from vlm.errors import VLMError
 from vlm.positions import IMAGE_POSITIONS, grid_offsets, use_grid_rotary
 from vlm.projector import build_projector, num_output_tokens, output_grid
@@ -45,15 +45,21 @@ class VLMOutput:
 
 
 def build_encoder(config: VLMConfig, pretrained: bool) -> ImageEncoder:
+    """The encoder `config.encoder` describes; with `pretrained`, its published or local weights loaded (a weights
+    path may name a file inside an installed package: `package:<pkg>/<file>`, as decoder sources do)."""
     e = config.encoder
+    weights = e.weights if pretrained else None
+    if weights is not None and weights.startswith(PACKAGE_PREFIX):
+        weights = str(package_file(weights))
     try:
         return create_encoder(
             e.name,
             pretrained=pretrained and e.pretrained,
-            weights=e.weights if pretrained else None,
+            weights=weights,
             feature_layer=e.feature_layer,
             keep_prefix_tokens=e.keep_prefix_tokens,
             pos_embed_std=e.pos_embed_std,
+            input_size=e.input_size,
             **e.overrides,
         )
     except ValueError as err:
@@ -102,9 +108,11 @@ class VisionLanguageModel(nn.Module):
                 setattr(decoder.generation_config, name, getattr(tokenizer, name))
         config.decoder.hf_config = decoder.config.to_diff_dict()
         config.decoder.hf_config.pop("transformers_version", None)
-        projector = build_projector(
-            config.projector, encoder.num_features, decoder.get_input_embeddings().embedding_dim, encoder.grid_size
-        )
+        embeddings = decoder.get_input_embeddings()
+        projector = build_projector(config.projector, encoder.num_features, embeddings.embedding_dim, encoder.grid_size)
+        if getattr(projector, "norm", None) is not None:  # image tokens start at the text tokens' scale
+            with torch.no_grad():
+                projector.norm.weight.fill_(float(embeddings.weight.float().pow(2).mean().sqrt()))
         return cls(config, encoder, projector, decoder, image_token_id)
 
     @classmethod
