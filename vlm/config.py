@@ -156,7 +156,9 @@ def _scratch(img_size: int) -> dict[str, Any]:
             "overrides": {"img_size": img_size, "patch_size": 16, "embed_dim": 128, "depth": 4, "num_heads": 4},
         },
         "projector": {"kind": "mlp", "output_norm": True},
-        "decoder": {"hf_config": _llama(128, 4, 4, 2, 384, 1024), "tokenizer": TINY_TOKENIZER},
+        # Weights drawn with std 0.08, about 1/sqrt(width), not Llama's 0.02 (chosen for widths in the thousands): at
+        # 0.02 the attention of a 128-wide decoder starts near uniform and finds the image's objects much later.
+        "decoder": {"hf_config": _llama(128, 4, 4, 2, 384, 1024, initializer_range=0.08), "tokenizer": TINY_TOKENIZER},
         "images_after_text": True,
     }
 
