@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from eval.datagen import SPLITS, check_int, output_folder, split_counts
+
 DEFAULT_SOURCE = "/usr/share/datasets/fashion-mnist"
 
 LABELS: tuple[str, ...] = (
@@ -49,7 +51,6 @@ LABELS: tuple[str, ...] = (
 PLURAL_LABELS = frozenset({"trousers"})
 """Labels that are grammatically plural: "a photo of trousers", "Are these trousers?"."""
 
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 IMAGE_SIZE = 28
 FILES: dict[str, tuple[str, str]] = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -188,13 +189,6 @@ def source_indices(counts: dict[str, int], sizes: dict[str, int], seed: int = 0)
     }
 
 
-def _check_int(name: str, value: Any) -> int:
-    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-    if not is_int or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return int(value)
-
-
 def generate_fashion_mnist(
     out: str | Path,
     source: str | Path = DEFAULT_SOURCE,
@@ -228,13 +222,9 @@ def generate_fashion_mnist(
         ValueError: If a count or the seed is not a non-negative integer, ``out`` is not a path or is a file, the
             source folder or one of its files is missing or malformed, or it has fewer images than asked for.
     """
-    if not isinstance(out, (str, Path)) or str(out) == "":
-        raise ValueError(f"out must be a non-empty path, got {out!r}")
-    counts = {name: _check_int(name, value) for name, value in zip(SPLITS, (train, val, test), strict=True)}
-    seed = _check_int("seed", seed)
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"out must be a folder, but {out_dir} is a file")
+    out_dir = output_folder(out)
+    counts = split_counts(train, val, test)
+    seed = check_int("seed", seed)
     if not isinstance(source, (str, Path)) or not Path(source).is_dir():
         raise ValueError(f"Fashion-MNIST folder {source} not found: {_INSTALL_HINT}")
     sets = {name: load_set(source, name) for name in FILES}

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from eval.datagen import SPLITS, check_int, conversation, image_rng, output_folder, split_counts
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0),
     "green": (0, 200, 0),
@@ -43,7 +45,6 @@ COLORS: dict[str, tuple[int, int, int]] = {
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 SUBTYPES: tuple[str, ...] = ("shape", "color", "count", "position", "exists")
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 BACKGROUND = (255, 255, 255)
 
 MIN_OBJECTS, MAX_OBJECTS = 1, 4
@@ -204,24 +205,12 @@ def caption_for_scene(scene: list[Obj], image_size: int = 64) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(SPLITS.index(split), index)))
-
-
-def _check_int(name: str, value: Any, minimum: int = 0) -> int:
-    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-    if not is_int or value < minimum:
-        what = "a non-negative integer" if minimum == 0 else f"an integer of at least {minimum}"
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    return int(value)
-
-
 def scene_for(split: str, index: int, seed: int = 0, image_size: int = 64) -> list[Obj]:
     """Rebuild the objects of image ``images/{split}_{index:05d}.png`` as written by :func:`generate_objects`."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    rng = _image_rng(_check_int("seed", seed), split, _check_int("index", index))
-    return random_scene(rng, _check_int("image_size", image_size, MIN_IMAGE_SIZE))
+    rng = image_rng(check_int("seed", seed), split, check_int("index", index))
+    return random_scene(rng, check_int("image_size", image_size, MIN_IMAGE_SIZE))
 
 
 def generate_objects(
@@ -257,14 +246,10 @@ def generate_objects(
         ValueError: If a count or the seed is not a non-negative integer, ``image_size`` is not an integer of at
             least 48, or ``out`` is not a path or is a file.
     """
-    if not isinstance(out, (str, Path)) or str(out) == "":
-        raise ValueError(f"out must be a non-empty path, got {out!r}")
-    counts = {name: _check_int(name, value) for name, value in zip(SPLITS, (train, val, test), strict=True)}
-    seed = _check_int("seed", seed)
-    image_size = _check_int("image_size", image_size, MIN_IMAGE_SIZE)
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"out must be a folder, but {out_dir} is a file")
+    out_dir = output_folder(out)
+    counts = split_counts(train, val, test)
+    seed = check_int("seed", seed)
+    image_size = check_int("image_size", image_size, MIN_IMAGE_SIZE)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
 
     summary: dict[str, Any] = {
@@ -283,7 +268,7 @@ def generate_objects(
             chat_path.open("w", encoding="utf-8", newline="\n") as fchat,
         ):
             for index in range(n):
-                rng = _image_rng(seed, split, index)
+                rng = image_rng(seed, split, index)
                 scene = random_scene(rng, image_size)
                 rel = f"images/{split}_{index:05d}.png"
                 render_scene(scene, image_size).save(out_dir / rel, format="PNG")
@@ -291,12 +276,7 @@ def generate_objects(
                 fq.writelines(json.dumps({"image": rel, **row}) + "\n" for row in questions)
                 n_questions += len(questions)
                 fc.write(json.dumps({"image": rel, "caption": caption_for_scene(scene, image_size)}) + "\n")
-                turns = [
-                    {"role": role, "content": row[key]}
-                    for row in questions
-                    for role, key in (("user", "question"), ("assistant", "answer"))
-                ]
-                fchat.write(json.dumps({"image": rel, "conversations": turns}) + "\n")
+                fchat.write(json.dumps({"image": rel, "conversations": conversation(questions)}) + "\n")
         summary["splits"][split] = {
             "images": n,
             "questions": n_questions,

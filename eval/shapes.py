@@ -44,6 +44,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from eval.datagen import SPLITS, check_int, conversation, image_rng, output_folder, split_counts
+
 IMAGE_SIZE = 75
 """Image width and height in pixels."""
 
@@ -67,7 +69,6 @@ COLORS: dict[str, tuple[int, int, int]] = {
 
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
 SHAPES: tuple[str, ...] = ("square", "circle")
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 QUESTIONS_PER_TYPE = 10
 
 NON_RELATIONAL_SUBTYPES: tuple[str, ...] = ("shape", "horizontal", "vertical")
@@ -366,19 +367,6 @@ def _explained_subtypes(explain: Any) -> tuple[str, ...]:
     raise ValueError(f"explain must be true, false or a list of relational subtypes ({choices}), got {explain!r}")
 
 
-def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    # Same stream as SeedSequence(seed).spawn(3)[split_id].spawn(n)[index]: independent per split and per image.
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(SPLITS.index(split), index)))
-
-
-def _check_int(name: str, value: Any) -> int:
-    # bool is an int subclass, but "train=True" is surely a mistake.
-    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-    if not is_int or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return int(value)
-
-
 def scene_for(split: str, index: int, seed: int = 0) -> list[Obj]:
     """Rebuild the objects of image ``images/{split}_{index:05d}.png`` as written by :func:`generate_shapes`.
 
@@ -392,7 +380,7 @@ def scene_for(split: str, index: int, seed: int = 0) -> list[Obj]:
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    return random_scene(_image_rng(_check_int("seed", seed), split, _check_int("index", index)))
+    return random_scene(image_rng(check_int("seed", seed), split, check_int("index", index)))
 
 
 def image_name(split: str, index: int) -> str:
@@ -443,20 +431,16 @@ def generate_shapes(
             than the image, or no closest/furthest answer is explained for it), ``explain`` is not one of its
             forms, or ``out`` is not a path.
     """
-    if not isinstance(out, (str, Path)) or str(out) == "":
-        raise ValueError(f"out must be a non-empty path, got {out!r}")
-    counts = {name: _check_int(name, value) for name, value in zip(SPLITS, (train, val, test), strict=True)}
-    seed = _check_int("seed", seed)
+    out_dir = output_folder(out)
+    counts = split_counts(train, val, test)
+    seed = check_int("seed", seed)
     explained = _explained_subtypes(explain)
-    cell = _check_int("explain_cell", explain_cell)
+    cell = check_int("explain_cell", explain_cell)
     if cell and not {"closest_shape", "furthest_shape"} & set(explained):
         raise ValueError("explain_cell names a cell in explained closest/furthest answers: explain one of them too")
     if cell > IMAGE_SIZE:
         raise ValueError(f"explain_cell must be at most the image size ({IMAGE_SIZE} px), got {cell}")
 
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"out must be a folder, but {out_dir} is a file")
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
 
     summary: dict[str, Any] = {
@@ -480,7 +464,7 @@ def generate_shapes(
             chat_path.open("w", encoding="utf-8", newline="\n") as fchat,
         ):
             for index in range(n):
-                rng = _image_rng(seed, split, index)
+                rng = image_rng(seed, split, index)
                 scene = random_scene(rng)
                 rel = image_name(split, index)
                 render_scene(scene).save(out_dir / rel, format="PNG")
@@ -495,12 +479,7 @@ def generate_shapes(
                 # Shuffled so every question type also comes first, as it does when asked on its own.
                 order = rng.permutation(len(questions))
                 for start in range(0, len(order), CHAT_TURNS):
-                    turns = []
-                    for i in order[start : start + CHAT_TURNS]:
-                        turns += [
-                            {"role": "user", "content": questions[i]["question"]},
-                            {"role": "assistant", "content": questions[i]["answer"]},
-                        ]
+                    turns = conversation([questions[i] for i in order[start : start + CHAT_TURNS]])
                     fchat.write(json.dumps({"image": rel, "conversations": turns}) + "\n")
         summary["splits"][split] = {
             "images": n,
