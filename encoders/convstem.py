@@ -20,8 +20,7 @@ from typing import Any
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
-
-from encoders.registry import register_encoder
+from vlm.encoders.registry import register_encoder
 
 
 def _stem_widths(patch_size: int, embed_dim: int) -> list[int]:

@@ -15,8 +15,7 @@ from typing import Any
 import timm
 import torch
 from torch import nn
-
-from encoders.ports import to_timm
+from vlm.encoders.ports import to_timm
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -133,7 +132,7 @@ def create_encoder(
         name: A registered encoder or any timm model name.
         pretrained: Load the published weights by name (needs the model hub).
         weights: Load weights from this local file instead (.safetensors or a torch state dict; the layouts of
-            `encoders.ports` are renamed onto the timm model first).
+            `vlm.encoders.ports` are renamed onto the timm model first).
         pos_embed_std: Redraw a ViT's learned position embedding with this std (for a model started from scratch;
             refused with pretrained weights, which it would overwrite).
         feature_layer: Which hidden state to return (-1 last block, -2 penultimate, k >= 1 block k).
@@ -175,7 +174,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
     timm's own file loading is lenient for headless models, so a file meant for another architecture would load
     nothing and leave the encoder random without an error; this refuses it instead. A file in another codebase's
-    layout that `encoders.ports` knows (e.g. the EfficientNet PyTorch ports) is renamed onto the model first.
+    layout that `vlm.encoders.ports` knows (e.g. the EfficientNet PyTorch ports) is renamed onto the model first.
     """
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file

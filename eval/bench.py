@@ -15,7 +15,7 @@ attention's sequence-squared term is left out (small at these lengths). MFU divi
 FLOP/s of one large matmul in the same dtype, timed in the same process: a practical peak, not the datasheet's.
 
 Packing (vlm only): the same training step on a batch whose samples have a realistic spread of lengths (text lengths
-log-normal around text_tokens / 2, each sample with one image), collated twice by `train.collate.Collator`: padded
+log-normal around text_tokens / 2, each sample with one image), collated twice by `vlm.collate.Collator`: padded
 to the longest sample, and packed into rows of at most pack_tokens. Both carry the same real tokens, so their
 tokens/s (padding excluded) compare directly; the padding fraction is the share of the batch's positions that hold
 padding. With sdpa or eager attention a packed row still computes the masked-out attention between its samples.
@@ -266,7 +266,7 @@ def _length_mix(
 
 def _packing(net: nn.Module, processor: Processor, samples: list[dict], pack_tokens: int | None, args) -> dict:
     """Padded vs packed training steps on the same samples (see the module docstring)."""
-    from train.collate import Collator
+    from vlm.collate import Collator
 
     device, dtype, steps, warmup, _ = args
     lengths = [len(s["input_ids"]) - s["input_ids"].count(processor.image_token_id) for s in samples]
@@ -342,8 +342,10 @@ def _data_rate(processor: Processor, folder: Path, batch_size: int, steps: int) 
 
 def _end_to_end(model_dir: Path, folder: Path, device: str, dtype: str, repeats: int, tmp: Path) -> dict[str, Any]:
     """`vlm caption` on one image in a fresh process (start, imports and load included), and on a folder."""
-    from vlm.commands import caption
+    from vlm.checkpoint import open_model
+    from vlm.generation import GenerationOptions
     from vlm.images import list_images
+    from vlm.inference import items_from_inputs, run_items
 
     script = shutil.which("vlm")
     cmd = [script] if script else [sys.executable, "-m", "vlm.cli"]
@@ -356,9 +358,13 @@ def _end_to_end(model_dir: Path, folder: Path, device: str, dtype: str, repeats:
         times.append(time.perf_counter() - start)
         if done.returncode != 0:
             raise VLMError(f"`{' '.join(cmd)}` failed: {done.stderr.strip()[-500:]}", exit_code=1)
-    start = time.perf_counter()
-    caption([str(folder)], model=str(model_dir), output=str(tmp / "captions.jsonl"), device=device, dtype=dtype)
+    start = time.perf_counter()  # what `vlm caption FOLDER` runs once its model is loaded
+    net, processor = open_model(str(model_dir), device, dtype)
+    items, _ = items_from_inputs([str(folder)], processor.caption_prompt)
+    failed = [it.error for it in run_items(items, net, processor, GenerationOptions(), batch_size=8) if it.error]
     folder_s = time.perf_counter() - start
+    if failed:
+        raise VLMError(f"captioning {folder} failed: {failed[0]}", exit_code=1)
     return {
         "model": str(model_dir),
         "caption_latency_s": statistics.median(times),

@@ -35,9 +35,9 @@ except ImportError as e:  # only lmms-eval imports this module; say how to get i
 import torch
 from PIL import Image
 
-from vlm.commands import Item, run_items
 from vlm.generation import GenerationOptions
 from vlm.images import to_rgb
+from vlm.inference import Item, run_items
 
 # Arguments lmms-eval passes to every model that this one has no use for.
 _IGNORED_ARGS = {"max_batch_size"}
@@ -195,4 +195,4 @@ def manifest():
     """
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return ModelManifest(model_id="vlm", simple_class_path="eval.lmms_adapter.VLMForLmmsEval")
+    return ModelManifest(model_id="vlm", simple_class_path="vlm.eval.lmms_adapter.VLMForLmmsEval")

@@ -1,4 +1,4 @@
-"""Tests of eval/baselines.py: the question-only and small-CNN reference points of `vlm baselines`.
+"""Tests of eval/baselines/cnn.py: the question-only and small-CNN reference points of `vlm baselines`.
 
 A tiny synthetic VQA set: red or blue images with a colour question (the answer is in the image) and a shape
 question whose answer never changes (the question alone gives it).
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from vlm.eval.baselines.cnn import baselines, cnn_baseline, question_only, read_vqa
 
-from eval.baselines import baselines, cnn_baseline, question_only, read_vqa
 from vlm.cli import main
 from vlm.errors import VLMError
 

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from vlm.eval import bench as bench_module
+from vlm.eval.bench import bench
 
-from eval import bench as bench_module
-from eval.bench import bench
 from vlm.cli import main
 
 

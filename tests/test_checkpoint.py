@@ -10,11 +10,19 @@ import torch
 from conftest import assert_same_weights, build_tiny, tiny_config
 
 import vlm.checkpoint as checkpoint
-from vlm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load, load_model, open_model, resolve_device, resolve_dtype
+from vlm.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    load,
+    load_model,
+    open_model,
+    resolve_device,
+    resolve_dtype,
+    save_checkpoint,
+)
 from vlm.config import PRESETS, VLMConfig
 from vlm.errors import VLMError
 from vlm.generation import GenerationOptions, generate_texts
-from vlm.model import VisionLanguageModel
 from vlm.processor import PROCESSOR_FILE
 
 PROMPTS = ["<image>\nWhat colour is it?", "<image><image> which one?", "hello"]
@@ -31,7 +39,7 @@ def _answers(model, processor, pil_images):
 @pytest.mark.parametrize(("family", "projector"), [("llama", "mlp"), ("gpt2", "pixel_shuffle")])
 def test_save_load_round_trip_is_bit_exact(family, projector, tmp_path, pil_images):
     model, processor = build_tiny(tiny_config(family, projector=projector))
-    model.save_pretrained(tmp_path / "ckpt", processor)
+    save_checkpoint(model, tmp_path / "ckpt", processor)
     files = {p.name for p in (tmp_path / "ckpt").iterdir()}
     assert {CONFIG_FILE, WEIGHTS_FILE, PROCESSOR_FILE, "tokenizer.json", "tokenizer_config.json"} <= files
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl", ".pth"))]  # no pickle
@@ -58,7 +66,7 @@ def test_saved_config_needs_no_hub_and_no_pretrained_weights(tmp_path):
     assert saved["encoder"]["pretrained"] is False and saved["decoder"]["pretrained"] is False
     assert saved["decoder"]["hf_config"]["model_type"] == "llama"
     assert model.config.decoder.pretrained is True  # the model's own config is left alone
-    assert_same_weights(VisionLanguageModel.from_pretrained(tmp_path / "ckpt"), model)
+    assert_same_weights(load_model(tmp_path / "ckpt"), model)
 
 
 def test_overwrite_keeps_other_files_and_replaces_weights(tmp_path):
@@ -99,7 +107,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_saved_without_a_processor(tmp_path, pil_images):
     model, processor = build_tiny()
-    model.save_pretrained(tmp_path / "ckpt")
+    save_checkpoint(model, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt" / PROCESSOR_FILE).exists()
     loaded, loaded_processor = load(tmp_path / "ckpt")
     assert_same_weights(loaded, model)
@@ -108,7 +116,7 @@ def test_saved_without_a_processor(tmp_path, pil_images):
 
 def test_load_in_another_dtype(tmp_path, tiny, pil_images):
     model, processor = tiny
-    model.save_pretrained(tmp_path / "ckpt", processor)
+    save_checkpoint(model, tmp_path / "ckpt", processor)
     half, half_processor = load(tmp_path / "ckpt", "cpu", torch.bfloat16)
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     answers = generate_texts(half, half_processor, PROMPTS, _images(pil_images), GenerationOptions(max_new_tokens=3))
@@ -120,7 +128,7 @@ def test_bad_checkpoint_folders(tmp_path, tiny):
     with pytest.raises(VLMError, match="not a vlm checkpoint folder"):
         load(tmp_path / "missing")
     good = tmp_path / "good"
-    model.save_pretrained(good, processor)
+    save_checkpoint(model, good, processor)
     config = json.loads((good / CONFIG_FILE).read_text())
 
     def broken(name: str, edit) -> Path:

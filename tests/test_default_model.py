@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 from conftest import run_vlm
+from vlm.eval.benchmarks.shapes import answer_question, caption_facts, caption_scores, scene_for
+from vlm.eval.evaluate import LAST_WORD, extract_answer
 
-from eval.runner import LAST_WORD, extract_answer
-from eval.shapes import answer_question, caption_facts, caption_scores, scene_for
 from vlm.checkpoint import DEFAULT_MODEL_DIR, open_model
 from vlm.generation import GenerationOptions, generate_texts
 from vlm.images import load_image

@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import build_tiny
 from PIL import Image
+from vlm.train.diagnose import _ridge_accuracy, diagnose
 
-from train.diagnose import _ridge_accuracy, diagnose
+from vlm.checkpoint import save_checkpoint
 
 COLOURS = {"red": (230, 20, 20), "blue": (20, 20, 230)}
 
@@ -19,7 +20,7 @@ COLOURS = {"red": (230, 20, 20), "blue": (20, 20, 230)}
 def model_dir(tmp_path_factory):
     model, processor = build_tiny()
     path = tmp_path_factory.mktemp("diag") / "model"
-    model.save_pretrained(path, processor)
+    save_checkpoint(model, path, processor)
     return path
 
 

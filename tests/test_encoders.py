@@ -9,9 +9,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 from torch import nn
-
-from encoders import ImageEncoder, create_encoder, list_encoders, register_encoder
-from encoders.registry import _REGISTRY
+from vlm.encoders import ImageEncoder, create_encoder, list_encoders, register_encoder
+from vlm.encoders.registry import _REGISTRY
 
 SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}
 # (timm name, prefix tokens: class + distillation/register tokens)

@@ -1,4 +1,4 @@
-"""Tests for `vlm eval` (eval/runner.py): reports, predictions files, scoring other systems' predictions, failures."""
+"""Tests for `vlm eval` (eval/evaluate.py): reports, predictions files, scoring other systems' predictions, failures."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import vlm.eval.metrics
 from PIL import Image
+from vlm.eval.benchmarks.shapes import generate_shapes
+from vlm.eval.evaluate import evaluate, predictions_path
+from vlm.eval.metrics import caption_metrics, exact_match, score, vqa_accuracy
 
-import eval.metrics
-from eval.metrics import caption_metrics, exact_match, score, vqa_accuracy
-from eval.runner import evaluate, predictions_path
-from eval.shapes import generate_shapes
 from vlm.errors import VLMError
 from vlm.generation import GenerationOptions, generate_texts
 from vlm.images import load_image
@@ -42,7 +42,7 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def no_java(monkeypatch: pytest.MonkeyPatch) -> None:
     """Caption scoring without METEOR's Java start-up (5-25 s); the metrics module then says so in its notes."""
-    monkeypatch.setattr(eval.metrics, "_java_available", lambda: False)
+    monkeypatch.setattr(vlm.eval.metrics, "_java_available", lambda: False)
 
 
 def test_evaluate_report_matches_its_predictions(ckpt: Path, shapes: Path, tmp_path: Path) -> None:
@@ -155,7 +155,7 @@ def test_answer_regex_scores_the_last_match(shapes: Path, tmp_path: Path) -> Non
 def test_answer_regex_results_are_kept_apart_in_the_model_card(ckpt: Path, shapes: Path, tmp_path: Path) -> None:
     import shutil
 
-    from eval.model_card import read_eval_results
+    from vlm.model_card import read_eval_results
 
     model = tmp_path / "model"
     shutil.copytree(ckpt, model)
@@ -321,12 +321,12 @@ def test_reading_a_dataset_does_not_import_lightning(shapes: Path, tmp_path: Pat
     ds.save_to_disk(str(tmp_path / "two"))
     code = f"""
 import sys
-from eval.runner import _read_data
+from vlm.eval.evaluate import _read_data
 columns = {{"image": "img", "question": "q", "answer": "a"}}
 data = _read_data({str(tmp_path / "two")!r}, "Describe.", "train", columns, None)
 assert data.scorable == [True, False] and "'answer' must be" in data.items[1].error, data.items[1].error
 assert [im.size for im in data.items[0].source()] == [{Image.open(shapes / rows[0]["image"]).size!r}]
-assert "lightning" not in sys.modules and "train.data" not in sys.modules
+assert "lightning" not in sys.modules and "vlm.train.data" not in sys.modules
 """
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -1,4 +1,4 @@
-"""Tests for the Fashion-MNIST VQA/caption generator (eval/fashion_mnist.py).
+"""Tests for the Fashion-MNIST VQA/caption generator (eval/benchmarks/fashion_mnist.py).
 
 Most tests run on a tiny fake Fashion-MNIST folder written here in the idx format, so the parser and the generator
 are tested where the Debian package dataset-fashion-mnist is not installed; the rest use the real files and skip
@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 from conftest import run_vlm
 from PIL import Image
-
-from eval.fashion_mnist import (
+from vlm.eval.benchmarks.fashion_mnist import (
     DEFAULT_SOURCE,
     FILES,
     LABELS,

@@ -27,9 +27,9 @@ DATA = TASKS / "shapes_vqa" / "data"
 
 def test_adapter_without_lmms_eval_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "lmms_eval", None)  # makes `import lmms_eval...` fail
-    monkeypatch.delitem(sys.modules, "eval.lmms_adapter", raising=False)
+    monkeypatch.delitem(sys.modules, "vlm.eval.lmms_adapter", raising=False)
     with pytest.raises(VLMError, match=r"pip install 'vlm\[lmms\]'"):
-        importlib.import_module("eval.lmms_adapter")
+        importlib.import_module("vlm.eval.lmms_adapter")
 
 
 def test_the_generation_task_scores_the_last_word() -> None:
@@ -47,7 +47,7 @@ def test_the_generation_task_scores_the_last_word() -> None:
 @pytest.fixture(scope="module")
 def adapter_module():
     pytest.importorskip("lmms_eval")
-    return importlib.import_module("eval.lmms_adapter")
+    return importlib.import_module("vlm.eval.lmms_adapter")
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +157,8 @@ def test_lmms_eval_runs_the_shipped_tasks(
         log_samples=True,
     )
     results, samples = out["results"], out["samples"]
-    from eval.metrics import vqa_accuracy
-    from eval.runner import LAST_WORD, extract_answer
+    from vlm.eval.evaluate import LAST_WORD, extract_answer
+    from vlm.eval.metrics import vqa_accuracy
 
     answers = [s["filtered_resps"] for s in samples["shapes_vqa"]]
     answers = [a[0] if isinstance(a, list) else a for a in answers]

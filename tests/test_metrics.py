@@ -1,4 +1,4 @@
-"""Tests for eval.metrics: official VQA accuracy, COCO caption metrics and the dataset-row scorer."""
+"""Tests for vlm.eval.metrics: official VQA accuracy, COCO caption metrics and the dataset-row scorer."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from collections import Counter
 from functools import cache
 
 import pytest
-
-from eval import metrics
-from eval.metrics import (
+from vlm.eval import metrics
+from vlm.eval.metrics import (
     caption_metrics,
     detect_task,
     exact_match,

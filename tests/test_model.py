@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import FAMILIES, build_tiny, family_config, tiny_config, training_batch
 
+from vlm.checkpoint import load_model, save_checkpoint
 from vlm.config import ProjectorConfig, VLMConfig
 from vlm.errors import VLMError
 from vlm.model import IGNORE_INDEX, VisionLanguageModel
@@ -250,6 +251,6 @@ def test_output_norm_starts_image_tokens_at_the_text_scale(projector, pil_images
     image = model.encode_images(processor.transform(pil_images[:2]))
     assert torch.allclose(image.pow(2).mean(-1).sqrt(), text_rms.expand(image.shape[:2]), rtol=1e-3)
     _assert_trains(model, processor, pil_images)
-    model.save_pretrained(tmp_path / "m", processor)
-    again = VisionLanguageModel.from_pretrained(tmp_path / "m")
+    save_checkpoint(model, tmp_path / "m", processor)
+    again = load_model(tmp_path / "m")
     assert again.config.projector.output_norm and torch.equal(again.projector.norm.weight, model.projector.norm.weight)

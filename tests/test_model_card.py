@@ -1,4 +1,4 @@
-"""Tests for model cards (eval/model_card.py): every number comes from the checkpoint folder's own files."""
+"""Tests for model cards (vlm/model_card.py): every number comes from the checkpoint folder's own files."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import vlm.eval.metrics
+from vlm.eval.benchmarks.shapes import generate_shapes
+from vlm.eval.evaluate import evaluate
 
-import eval.metrics
-from eval.model_card import EVAL_RESULTS_FILE, parameter_counts, write_model_card
-from eval.runner import evaluate
-from eval.shapes import generate_shapes
 from vlm.checkpoint import build, save_checkpoint
 from vlm.config import VLMConfig
 from vlm.errors import VLMError
 from vlm.generation import GenerationOptions
+from vlm.model_card import EVAL_RESULTS_FILE, parameter_counts, write_model_card
 
 
 def _odd_tiny_config() -> VLMConfig:
@@ -162,7 +162,7 @@ def _overall_line(report: dict) -> str:
 def test_evaluate_records_results_and_regenerates_the_card(
     built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(eval.metrics, "_java_available", lambda: False)  # no METEOR start-up
+    monkeypatch.setattr(vlm.eval.metrics, "_java_available", lambda: False)  # no METEOR start-up
     model, processor, _ = built
     folder = save_checkpoint(model, tmp_path / "ckpt", processor)
     data_dir = tmp_path / "shapes"

@@ -1,4 +1,4 @@
-"""Tests for the objects VQA generator (eval/objects.py).
+"""Tests for the objects VQA generator (eval/benchmarks/objects.py).
 
 Every image's objects are re-derived from its pixels (colour mask -> bounding box, centroid, and the shape from how
 much of its bounding box the mask fills) and every answer and caption is recomputed from those, so the answers are
@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 from conftest import run_vlm
 from PIL import Image
-
-from eval.objects import (
+from vlm.eval.benchmarks.objects import (
     COLOR_NAMES,
     COLORS,
     MAX_SIZE,

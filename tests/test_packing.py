@@ -1,4 +1,4 @@
-"""Sequence packing (train/collate.py, vlm/model.py): a packed batch gives every sample the logits, and the batch the
+"""Sequence packing (vlm/collate.py, vlm/model.py): a packed batch gives every sample the logits, and the batch the
 loss, that padding gives, for every decoder family that packs; a family that would mix samples is refused."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import build_tiny, family_config, solid, tiny_config
+from vlm.train.data import VLMDataModule
 
-from train.collate import Collator, pack_rows
-from train.data import VLMDataModule
+from vlm.collate import Collator, pack_rows
 from vlm.errors import VLMError
 from vlm.model import IGNORE_INDEX, PACKING_FAMILIES
 

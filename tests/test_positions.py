@@ -118,7 +118,7 @@ def test_what_grid_positions_refuse(tmp_path):
 
 
 def test_training_switches_a_model_to_grid_positions(tmp_path):
-    from train.module import VLMModule
+    from vlm.train.module import VLMModule
 
     model, processor = build_tiny()
     save_checkpoint(model, tmp_path / "m", processor)

@@ -1,4 +1,4 @@
-"""Tests for `vlm probe` (eval/probe.py): the linear probe on a frozen encoder's features, on a tiny synthetic set."""
+"""Tests for `vlm probe` (eval/baselines/probe.py): a linear probe of a frozen encoder's features."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from vlm.eval.baselines.probe import encoder_from_checkpoint, encoder_from_recipe, extract_features, fit_logistic, probe
 
-from eval.probe import encoder_from_checkpoint, encoder_from_recipe, extract_features, fit_logistic, probe
-from vlm.checkpoint import build, load_model
+from vlm.checkpoint import build, load_model, save_checkpoint
 from vlm.cli import run
 from vlm.config import VLMConfig
 from vlm.errors import VLMError
@@ -39,7 +39,7 @@ def colours(tmp_path_factory):
     folder = tmp_path_factory.mktemp("colours")
     torch.manual_seed(0)
     model, processor = build(VLMConfig.from_name("tiny"), pretrained=False)
-    model.save_pretrained(folder / "model", processor)
+    save_checkpoint(model, folder / "model", processor)
     recipe = folder / "recipe.yaml"
     recipe.write_text("model:\n  config: tiny\n  pretrained: false\n")
     return {
@@ -73,7 +73,7 @@ def test_probe_builds_a_recipes_encoder_and_pools_as_asked(colours):
 
 
 def test_features_follow_the_encoders_preprocessing(colours):
-    from eval.probe import read_labelled_images
+    from vlm.eval.baselines.probe import read_labelled_images
 
     encoder = encoder_from_checkpoint(colours["model"])
     images, labels = read_labelled_images(colours["test"], "label")

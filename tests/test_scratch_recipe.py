@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+from vlm.eval.baselines.cnn import question_only, read_vqa
+from vlm.train.cli import make_cli
 
-from eval.baselines import question_only, read_vqa
-from train.cli import make_cli
 from vlm.generation import GenerationOptions, generate_texts
 from vlm.images import load_image
 

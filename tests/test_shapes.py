@@ -1,4 +1,4 @@
-"""Tests for the Sort-of-CLEVR generator (eval/shapes.py).
+"""Tests for the Sort-of-CLEVR generator (eval/benchmarks/shapes.py).
 
 The central check re-derives every object from the rendered pixels (colour mask -> centroid, and square vs circle by
 whether the mask fills its bounding box) and recomputes every answer from that, so the answers are checked against
@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from eval.shapes import (
+from vlm.eval.benchmarks.shapes import (
     COLOR_NAMES,
     COLORS,
     IMAGE_SIZE,

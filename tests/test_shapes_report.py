@@ -1,4 +1,4 @@
-"""Tests for `vlm shapes-report` (eval/shapes_report.py) on predictions built from a small generated benchmark.
+"""Tests for `vlm shapes-report` (eval/benchmarks/shapes_report.py) on predictions of a small generated set.
 
 The predictions are the generator's own answers (right by construction), a fixed guess, or the majority shape as
 this file computes it from the rebuilt scenes; the report must count each the way its definition says.
@@ -11,9 +11,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from vlm.eval.benchmarks.shapes import generate_shapes, scene_for
+from vlm.eval.benchmarks.shapes_report import shapes_report
 
-from eval.shapes import generate_shapes, scene_for
-from eval.shapes_report import shapes_report
 from vlm.cli import main
 
 SEED = 3

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from train.cli import main
+from vlm.train.cli import main
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "samples" / "configs").glob("*.yaml"))
 

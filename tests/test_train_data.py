@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import labelled_spans
 from PIL import Image
+from vlm.train.data import JsonlRows, ResumableDataLoader, ResumableSampler, VLMDataModule, VLMDataset
 
-from train.collate import Collator
-from train.data import JsonlRows, ResumableDataLoader, ResumableSampler, VLMDataModule, VLMDataset
 from vlm.checkpoint import build
+from vlm.collate import Collator
 from vlm.config import VLMConfig
 from vlm.errors import VLMError
 from vlm.processor import IGNORE_INDEX

@@ -19,7 +19,7 @@ def test_ddp_with_two_cpu_processes(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "train.cli",
+        "vlm.train.cli",
         "fit",
         "--config",
         "samples/configs/tiny.yaml",

@@ -10,13 +10,13 @@ import lightning
 import pytest
 import torch
 from lightning.pytorch import Callback
+from vlm.train.callbacks import AtomicCheckpointIO
+from vlm.train.cli import main, make_cli
 
-from eval.model_card import write_model_card
-from train.callbacks import AtomicCheckpointIO
-from train.cli import main, make_cli
-from train.export import export
 from vlm.checkpoint import load
 from vlm.errors import VLMError
+from vlm.model_card import write_model_card
+from vlm.training_ckpt import import_ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "samples" / "configs" / "tiny.yaml"
@@ -74,19 +74,19 @@ def test_tiny_recipe_lowers_the_loss_and_leaves_a_loadable_model(tmp_path):
     card = write_model_card(tmp_path / "model").read_text()
     assert f"- **Data**: `{shapes}/train.jsonl` (4,000 rows), `{shapes}/train_captions.jsonl` (200 rows)" in card
     assert "- **Steps**: 30 optimizer steps" in card and f"validation loss {last['val_loss']:.4f}" in card
-    # `vlm export` of the last checkpoint writes the same weights, and the record as of that checkpoint.
-    export(str(tmp_path / "checkpoints" / "last.ckpt"), str(tmp_path / "exported"))
+    # `vlm import-ckpt` of the last checkpoint writes the same weights, and the record as of that checkpoint.
+    import_ckpt(str(tmp_path / "checkpoints" / "last.ckpt"), str(tmp_path / "exported"))
     exported, _ = load(tmp_path / "exported")
     for name, value in exported.state_dict().items():
         assert torch.equal(value, trained[name]), name
     from_ckpt = json.loads((tmp_path / "exported" / "training.json").read_text())
-    assert from_ckpt["written_by"] == f"vlm export of {tmp_path / 'checkpoints' / 'last.ckpt'}"
+    assert from_ckpt["written_by"] == f"vlm import-ckpt of {tmp_path / 'checkpoints' / 'last.ckpt'}"
     assert from_ckpt["steps"] == 30 and from_ckpt["data"] == record["data"]
     # A checkpoint from before runs recorded themselves: what Lightning stored, and the data said to be unknown.
     old = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     del old["vlm"]["training"]
     torch.save(old, tmp_path / "old.ckpt")
-    export(str(tmp_path / "old.ckpt"), str(tmp_path / "old"))
+    import_ckpt(str(tmp_path / "old.ckpt"), str(tmp_path / "old"))
     from_old = json.loads((tmp_path / "old" / "training.json").read_text())
     assert from_old["steps"] == 30 and from_old["data"].startswith("unknown")
     assert from_old["learning_rates"] == record["learning_rates"] and "last_metrics" not in from_old

@@ -8,14 +8,15 @@ import datasets
 import pytest
 import torch
 from PIL import Image
+from vlm.train.data import ResumableDataLoader, VLMDataModule
+from vlm.train.module import VLMModule
 
-from train.collate import Collator
-from train.data import ResumableDataLoader, VLMDataModule
-from train.export import export_state
-from train.module import LoraSettings, VLMModule
 from vlm.checkpoint import build, load
+from vlm.collate import Collator
 from vlm.config import VLMConfig
+from vlm.lora import LoraSettings
 from vlm.processor import IGNORE_INDEX
+from vlm.training_ckpt import export_state
 
 torch.set_num_threads(1)
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from vlm.train.module import VLMModule, rng_state, set_rng_state, warmup_cosine
 
-from train.module import VLMModule, rng_state, set_rng_state, warmup_cosine
 from vlm.errors import VLMError
 
 

@@ -1,2 +1,2 @@
-"""Training with Lightning: `vlm fit|validate` (train.cli), the training system (train.module), data (train.data,
-train.collate), run callbacks (train.callbacks) and checkpoint export (train.export). Inference never imports this."""
+"""Training with Lightning: `vlm fit|validate` (vlm.train.cli), the training system (vlm.train.module), the data
+module (vlm.train.data), run callbacks (vlm.train.callbacks) and `vlm diagnose`. Inference never imports this."""

@@ -13,8 +13,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
-
-from train.data import bad_rows_report, check_bad_fraction
+from vlm.train.data import bad_rows_report, check_bad_fraction
 
 
 class DataHealth(Callback):
@@ -90,7 +89,7 @@ class RunArtifacts(Callback):
     training record, training.json) and a plot of the training and validation curves (`<run>/curves.png`)."""
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from train.export import export_state
+        from vlm.training_ckpt import export_state
 
         state = trainer.strategy.lightning_module_state_dict()  # every rank: sharded strategies gather here
         if not trainer.is_global_zero:

@@ -23,10 +23,10 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from vlm.train.callbacks import AtomicCheckpointIO
+from vlm.train.data import VLMDataModule
+from vlm.train.module import VLMModule
 
-from train.callbacks import AtomicCheckpointIO
-from train.data import VLMDataModule
-from train.module import VLMModule
 from vlm.errors import VLMError
 
 SUBCOMMANDS = ("fit", "validate")

@@ -6,7 +6,7 @@ so training, evaluation and inference agree on what a row means.
 Broken rows never crash an epoch and are never dropped silently. Rows that cannot be parsed, and rows whose image
 file is missing, are found up front in the main process. Rows that fail later in a loader worker (a corrupt image,
 a row longer than `max_length`) are replaced by the next good row, and the replaced row travels with the batch
-(`batch["bad"]`) to the main process, where `train.callbacks.DataHealth` counts and reports them.
+(`batch["bad"]`) to the main process, where `vlm.train.callbacks.DataHealth` counts and reports them.
 
 Resuming mid-epoch: the training loader is stateful. Lightning stores its `state_dict` (epoch and batches consumed;
 for streams, how many rows each worker had read) in every checkpoint and hands it back on `--ckpt_path`, and the
@@ -28,7 +28,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
-from train.collate import Collator, encode_sample
+from vlm.collate import Collator, encode_sample
 from vlm.data import Example, RowError, example_from_record, load_row_images, open_hf_dataset, parse_row, read_jsonl
 from vlm.errors import VLMError
 from vlm.model import check_packing
@@ -483,7 +483,7 @@ class VLMDataModule(LightningDataModule):
         Each source (its spec as given) with `rows`, the rows indexed, and `broken_rows`, those found broken and
         skipped while indexing. JSONL files are checked up front; dataset rows are only parsed when loaded, so their
         `broken_rows` is None, and both are None for a source not indexed (streamed, or not set up). Rows that fail
-        in a loader are counted per epoch by `train.callbacks.DataHealth` (`data/train_bad_rows`).
+        in a loader are counted per epoch by `vlm.train.callbacks.DataHealth` (`data/train_bad_rows`).
         """
 
         def sources(specs: list[str], dataset: Dataset | None, split: str) -> list[dict[str, Any]]:

@@ -27,13 +27,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from train.collate import Collator, encode_sample
 from vlm.checkpoint import build, load
+from vlm.collate import Collator, encode_sample
+from vlm.config import PARTS
 from vlm.data import Example, RowError, load_row_images, read_jsonl
 from vlm.errors import VLMError
 from vlm.processor import IGNORE_INDEX
-
-PARTS = ("encoder", "projector", "decoder")
 
 
 def _question_rows(path: str, caption_prompt: str, limit: int) -> list[Example]:

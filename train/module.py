@@ -20,7 +20,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,51 +31,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from vlm.checkpoint import build, load_model
-from vlm.config import VLMConfig
+from vlm.config import PARTS, VLMConfig
 from vlm.errors import VLMError
-from vlm.model import VisionLanguageModel
+from vlm.lora import LoraSettings, add_lora
 from vlm.processor import Processor
 
-PARTS = ("encoder", "projector", "decoder")
 # ViT parameters that are embeddings although they are not `nn.Embedding` weights.
 _EMBEDDING_NAMES = ("pos_embed", "cls_token", "reg_token")
-
-
-@dataclass
-class LoraSettings:
-    """LoRA adapters on the decoder (Hu et al. 2021, via peft); merged into the weights of every exported model.
-
-    Args:
-        r: Adapter rank.
-        alpha: Scaling numerator (the update is scaled by alpha / r).
-        dropout: Dropout on the adapter input.
-        target_modules: Decoder modules to adapt: module names, or "all-linear" (every linear layer but the head).
-    """
-
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] | str = field(default="all-linear")
-
-
-def add_lora(decoder: nn.Module, lora: LoraSettings) -> nn.Module:
-    """The decoder wrapped with fresh LoRA adapters (its own weights frozen)."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, bias="none"
-    )
-    return get_peft_model(decoder, config)
-
-
-def merged_copy(model: VisionLanguageModel) -> VisionLanguageModel:
-    """The model with any LoRA adapters merged into the decoder: a plain `VisionLanguageModel` again."""
-    from peft import PeftModel
-
-    if not isinstance(model.decoder, PeftModel):
-        return model
-    decoder = model.decoder.merge_and_unload()
-    return VisionLanguageModel(model.config, model.encoder, model.projector, decoder, model.image_token_id)
 
 
 def processor_files(processor: Processor) -> dict[str, torch.Tensor]:
@@ -251,7 +213,7 @@ class VLMModule(LightningModule):
     # ---- what a checkpoint carries beyond the weights ----
 
     def export_meta(self) -> dict[str, Any]:
-        """What `train.export` needs to rebuild the model from a training checkpoint without the YAML, and the
+        """What `vlm.training_ckpt` needs to rebuild the model from a training checkpoint without the YAML, and the
         run's `training_record` so far (exported as training.json beside the weights)."""
         return {
             "config": self.vlm.config.to_dict(),
@@ -262,7 +224,7 @@ class VLMModule(LightningModule):
 
     def training_record(self) -> dict[str, Any]:
         """The facts of this run up to now: where the model started, the data and its row counts, learning rates,
-        steps, batch size, hardware, wall time, the last losses, software versions (see `eval.model_card`)."""
+        steps, batch size, hardware, wall time, the last losses, software versions (see `vlm.model_card`)."""
         import datetime
 
         import lightning
@@ -398,7 +360,7 @@ class VLMModule(LightningModule):
         loss = self(batch).loss
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["num_samples"])
         if "generate" in batch:
-            from eval.metrics import exact_match
+            from vlm.answers import exact_match
 
             gen = batch["generate"]
             new = self.vlm.generate(
@@ -426,6 +388,6 @@ class VLMModule(LightningModule):
     # ---- always-on callbacks ----
 
     def configure_callbacks(self) -> list[Callback]:
-        from train.callbacks import DataHealth, RunArtifacts, Throughput
+        from vlm.train.callbacks import DataHealth, RunArtifacts, Throughput
 
         return [DataHealth(), Throughput(), RunArtifacts()]

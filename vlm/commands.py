@@ -8,119 +8,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
-
-from tqdm import tqdm
 
 from vlm.errors import VLMError
 from vlm.generation import GenerationOptions, generate_texts
-
-Device = Literal["auto", "cpu", "cuda"]
-DType = Literal["auto", "float32", "bfloat16", "float16"]
-
-
-@dataclass
-class Item:
-    """One unit of a batch run: the row to write out, the images to read, the prompt to answer."""
-
-    row: dict[str, Any]
-    images: list[Path]
-    prompt: str
-    error: str | None = None
-    prediction: str | None = None
-    pixels: list = field(default_factory=list)
-    line: int | None = None  # the JSONL line it came from
-    # Where the images come from when they are not files (e.g. a datasets row): called when its batch is run,
-    # so a large in-memory dataset is decoded batch by batch; raises VLMError for a bad image.
-    source: Callable[[], list] | None = None
-
-
-def _items_from_inputs(inputs: list[str], caption_prompt: str) -> tuple[list[Item], bool]:
-    """Expands image files, folders of images and JSONL files into items; says whether it was one image."""
-    from vlm.images import list_images
-
-    items: list[Item] = []
-    for name in inputs:
-        path = Path(name)
-        if path.is_dir():
-            found = list_images(path)
-            if not found:
-                raise VLMError(f"no images found in folder: {path}")
-            items += [Item({"image": str(p)}, [p], caption_prompt) for p in found]
-        elif path.suffix == ".jsonl":
-            items += _items_from_jsonl(path, caption_prompt)
-        else:
-            items.append(Item({"image": name}, [path], caption_prompt))
-    single = len(inputs) == 1 and len(items) == 1 and not Path(inputs[0]).is_dir() and not inputs[0].endswith(".jsonl")
-    return items, single
-
-
-def _items_from_jsonl(path: Path, caption_prompt: str) -> list[Item]:
-    """Rows of a JSONL file (question rows for `ask`, image rows for `caption`); broken rows become error items."""
-    from vlm.data import RowError, read_jsonl
-
-    items = []
-    for ex in read_jsonl(path, caption_prompt, require_target=False):
-        if isinstance(ex, RowError):
-            # Keep the row's own fields (e.g. an id) where the line was a JSON object, so outputs join back.
-            row = ex.row if isinstance(ex.row, dict) else {"line": ex.line}
-            items.append(Item(row, [], "", error=str(ex), line=ex.line))
-        else:
-            items.append(Item(ex.row, ex.images, ex.prompt, line=ex.line))
-    return items
-
-
-def _load_pixels(item: Item) -> None:
-    from vlm.images import load_image
-
-    try:
-        item.pixels = item.source() if item.source is not None else [load_image(p) for p in item.images]
-    except VLMError as e:
-        item.error = str(e)
-
-
-def run_items(
-    items: list[Item], model, processor, gen: GenerationOptions, batch_size: int, stream: bool = False
-) -> Iterator[Item]:
-    """Answers items in input order, `batch_size` at a time; a bad item gets an error and the run goes on.
-
-    Each item is yielded with `prediction` or `error` set; its images are released once its batch is done.
-    """
-    if batch_size < 1:
-        raise VLMError("batch_size must be at least 1")
-    bar = tqdm(total=len(items), unit="item", disable=len(items) < 2 or None, file=sys.stderr)
-    for start in range(0, len(items), batch_size):
-        batch = items[start : start + batch_size]
-        for item in batch:
-            if item.error is None:
-                _load_pixels(item)
-        good = [it for it in batch if it.error is None]
-        try:
-            _answer(good, model, processor, gen, stream)
-        except VLMError:  # e.g. one over-long prompt: find it by answering one at a time
-            for it in good:
-                try:
-                    _answer([it], model, processor, gen, stream)
-                except VLMError as e:
-                    it.error = str(e)
-        bar.update(len(batch))
-        for it in batch:
-            it.pixels = []  # keeps memory flat over a long run
-        yield from batch
-    bar.close()
-
-
-def _answer(items: list[Item], model, processor, gen: GenerationOptions, stream: bool) -> None:
-    if not items:
-        return
-    answers = generate_texts(
-        model, processor, [it.prompt for it in items], [it.pixels for it in items], gen, stream=stream
-    )
-    for it, answer in zip(items, answers):
-        it.prediction = answer
+from vlm.inference import Device, DType, Item, items_from_inputs, items_from_jsonl, run_items
 
 
 def _emit(items: Iterator[Item], output: str | None, as_json: bool, single: bool, streamed: bool) -> int:
@@ -186,7 +79,7 @@ def caption(
     """
     gen = gen or GenerationOptions()
     net, processor = _open(model, device, dtype)
-    items, single = _items_from_inputs(inputs, processor.caption_prompt)
+    items, single = items_from_inputs(inputs, processor.caption_prompt)
     stream = single and not output and not json and sys.stdout.isatty()
     failed = _emit(run_items(items, net, processor, gen, batch_size, stream), output, json, single, stream)
     return 2 if failed else 0
@@ -229,7 +122,7 @@ def ask(
         raise VLMError(f"input file not found: {input}")
     net, processor = _open(model, device, dtype)
     if input is not None:
-        items, single = _items_from_jsonl(Path(input), processor.caption_prompt), False
+        items, single = items_from_jsonl(Path(input), processor.caption_prompt), False
         for it in items:
             if it.error is None and "question" not in it.row:
                 it.error = f"line {it.line}: the row has no 'question'"

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from vlm.errors import VLMError
 
+PARTS = ("encoder", "projector", "decoder")  # the three parts of every model, in data-flow order
 TINY_TOKENIZER = "package:vlm/assets/tiny_tokenizer"  # found in the installed package, so configs name no machine path
 
 
@@ -31,7 +32,7 @@ class EncoderConfig:
     keep_prefix_tokens: bool = False  # keep the class/register tokens as image tokens
     pretrained: bool = False  # timm weights by name (needs the hub) when building a fresh model
     # Or a local weights file (.safetensors, or a torch state dict; `package:<pkg>/<file>` names one inside an
-    # installed Python package). Files in a layout `encoders.ports` knows (EfficientNet PyTorch ports) are renamed.
+    # installed Python package). Files in a layout `vlm.encoders.ports` knows (EfficientNet PyTorch ports) are renamed.
     weights: str | None = None
     # The side in pixels of the images a CNN encoder reads (its token grid follows), instead of its pretrained config's
     # (e.g. 96 for 28x28 images). A ViT's size is part of its architecture: `overrides: {img_size: ...}`.

@@ -14,21 +14,19 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from encoders import ImageEncoder, create_encoder
 from vlm.config import VLMConfig
 from vlm.decoder import PACKAGE_PREFIX, build_decoder, expand_layers, package_file
+from vlm.encoders import ImageEncoder, create_encoder
 from vlm.errors import VLMError
 from vlm.positions import IMAGE_POSITIONS, grid_offsets, use_grid_rotary
+from vlm.processor import IGNORE_INDEX
 from vlm.projector import build_projector, num_output_tokens, output_grid
-
-IGNORE_INDEX = -100
 
 # Decoder families that build their attention mask with transformers' `create_causal_mask` from `position_ids`,
 # and attention implementations whose masks honour the packed boundaries it finds; tests/test_packing.py checks each
@@ -114,19 +112,6 @@ class VisionLanguageModel(nn.Module):
             with torch.no_grad():
                 projector.norm.weight.fill_(float(embeddings.weight.float().pow(2).mean().sqrt()))
         return cls(config, encoder, projector, decoder, image_token_id)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> VisionLanguageModel:
-        """Loads a checkpoint folder written by `save_pretrained`; needs nothing but the folder."""
-        from vlm.checkpoint import load_model
-
-        return load_model(path)
-
-    def save_pretrained(self, path: str | Path, processor=None) -> None:
-        """Writes config, weights (safetensors) and, given a processor, the tokenizer files; atomically."""
-        from vlm.checkpoint import save_checkpoint
-
-        save_checkpoint(self, path, processor)
 
     def expand_decoder(self, num_layers: int) -> list[int]:
         """Deepens the decoder to `num_layers` without changing what the model computes (`decoder.expand_layers`),

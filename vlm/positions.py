@@ -4,7 +4,7 @@ With `sequence` positions (LLaVA's way) the image tokens of a row-major patch gr
 text, so to a RoPE decoder the patch below another is 5 (the grid's width) positions away and the patch beside it 1:
 the decoder's sense of nearness is mostly vertical. A shapes model trained so names, as "the object closest to X",
 the object closest in sequence (mostly the one nearest in height) more often than the one truly closest
-(`eval/shapes_report.py`; README, The shapes benchmark).
+(`eval/benchmarks/shapes_report.py`; README, The shapes benchmark).
 
 With `grid` positions each image token's rotary angle comes in three parts, as in Qwen2-VL's multimodal RoPE (Wang et
 al. 2024, "Qwen2-VL", section 2.1): the rotary frequency pairs are dealt round-robin to a sequence, a row and a

@@ -1,7 +1,7 @@
 """Functions the shapes_vqa tasks' YAML files name (`!function utils.NAME`); lmms-eval imports this file by path.
 
-The data is 60 Sort-of-CLEVR questions about 3 images (eval.shapes.generate_shapes(out, 0, 0, 3, seed=0), test
-split), stored beside this file in the project's JSONL format, so the tasks need no download.
+The data is 60 Sort-of-CLEVR questions about 3 images (vlm.eval.benchmarks.shapes.generate_shapes(out, 0, 0, 3,
+seed=0), test split), stored beside this file in the project's JSONL format, so the tasks need no download.
 """
 
 from __future__ import annotations
@@ -9,13 +9,14 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from eval.metrics import exact_match, vqa_accuracy
-from eval.runner import LAST_WORD, extract_answer
-from eval.shapes import SHAPES
+from vlm.eval.benchmarks.shapes import SHAPES
+from vlm.eval.evaluate import LAST_WORD, extract_answer
+from vlm.eval.metrics import exact_match, vqa_accuracy
+
 from vlm.images import load_image
 
 DATA = Path(__file__).resolve().parent / "data"
-# The possible answers of each question subtype (see eval.shapes.answer_question).
+# The possible answers of each question subtype (see vlm.eval.benchmarks.shapes.answer_question).
 CHOICES = {
     "shape": list(SHAPES),
     "closest_shape": list(SHAPES),

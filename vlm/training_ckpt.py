@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 
-from eval.model_card import TRAINING_FILE
 from vlm.checkpoint import save_checkpoint
-from vlm.config import VLMConfig
+from vlm.config import PARTS, VLMConfig
 from vlm.errors import VLMError
+from vlm.lora import LoraSettings, add_lora, merged_copy
 from vlm.model import VisionLanguageModel
+from vlm.model_card import TRAINING_FILE
 from vlm.processor import Processor
 
 
@@ -25,8 +26,6 @@ def export_state(meta: dict[str, Any], state_dict: dict[str, torch.Tensor], out_
     """Rebuilds the model from `meta` (`VLMModule.export_meta`), loads the module's `state_dict` (keys `vlm.*`),
     merges LoRA adapters, and writes a vlm checkpoint folder (atomically), plus `meta["training"]` (the run's
     training record) as training.json when there is one."""
-    from train.module import LoraSettings, add_lora, merged_copy
-
     tmp = Path(tempfile.mkdtemp(prefix="vlm-export-"))
     try:
         for name, data in meta["processor_files"].items():
@@ -56,8 +55,6 @@ def checkpoint_record(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
     """The training record of a training checkpoint: the one `vlm fit` stored in it (`VLMModule.training_record` at
     the time of the save), or, for checkpoints from before vlm stored one, what Lightning's own fields tell (steps,
     epoch, learning rates, hyperparameters); the data is then unknown and the record says so."""
-    from train.module import PARTS
-
     now = datetime.datetime.now(datetime.timezone.utc)
     record = dict(ckpt["vlm"].get("training") or {})
     if not record:
@@ -75,7 +72,7 @@ def checkpoint_record(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
         if ckpt.get("hyper_parameters"):
             record["hyperparameters"] = ckpt["hyper_parameters"]
     record.update(
-        written_by=f"vlm export of {path}",
+        written_by=f"vlm import-ckpt of {path}",
         exported_at=now.isoformat(timespec="seconds"),
         steps=ckpt.get("global_step"),
         epoch=ckpt.get("epoch"),
@@ -83,7 +80,7 @@ def checkpoint_record(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
     return record
 
 
-def export(checkpoint: str, out_dir: str) -> None:
+def import_ckpt(checkpoint: str, out_dir: str) -> None:
     """Writes the model of a training checkpoint as a vlm checkpoint folder (LoRA adapters merged), with the run's
     training record as of that checkpoint (training.json: steps, data, learning rates; shown by the model card).
 

@@ -1,8 +1,8 @@
 """`vlm shapes-report`: read a model's relational Sort-of-CLEVR answers back against the scenes they are about.
 
 Accuracy says how often a relational answer is right; this report says what the model does instead. Every image of
-`vlm data shapes` can be rebuilt from its name and the seed (:func:`eval.shapes.scene_for`), so a predictions file
-from `vlm eval --output` is enough to ask, for the closest and furthest questions:
+`vlm data shapes` can be rebuilt from its name and the seed (:func:`vlm.eval.benchmarks.shapes.scene_for`), so a
+predictions file from `vlm eval --output` is enough to ask, for the closest and furthest questions:
 
 * does the answer's last word (the shape) follow the shape most of the other five objects have (``majority``), and
   how often does it equal the shape of the 1st ... 5th closest object (``rank_shape``)? A model that compares
@@ -19,7 +19,7 @@ from `vlm eval --output` is enough to ask, for the closest and furthest question
 
 For count questions: how often the answer is the larger of the square and circle counts (``larger_count``), the
 guess of a model that ignores the object asked about. For caption rows: the mean fraction of objects whose shape and
-whose position the caption gets right (:func:`eval.shapes.caption_scores`).
+whose position the caption gets right (:func:`vlm.eval.benchmarks.shapes.caption_scores`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from eval.shapes import (
+from vlm.eval.benchmarks.shapes import (
     _TEMPLATES,
     COLOR_NAMES,
     IMAGE_SIZE,
@@ -42,6 +42,7 @@ from eval.shapes import (
     distance_rank,
     scene_for,
 )
+
 from vlm.data import json_lines
 from vlm.errors import VLMError
 

@@ -24,8 +24,8 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from vlm.encoders import ImageEncoder
 
-from encoders import ImageEncoder
 from vlm.errors import VLMError
 from vlm.processor import ImageTransform
 

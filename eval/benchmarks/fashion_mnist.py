@@ -16,7 +16,7 @@ Layout on disk (image paths in the JSONL files are relative to ``out``)::
 The val images are the first ``val`` of a seeded permutation of the training file and the train images the next
 ``train`` (so val does not change when train grows), the test images the first ``test`` of a seeded permutation of the
 test file. Each image's yes/no question is drawn from its own stream ``SeedSequence(seed, spawn_key=(split_id,
-index))``, as in :mod:`eval.shapes`.
+index))``, as in :mod:`vlm.eval.benchmarks.shapes`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-
-from eval.datagen import SPLITS, check_int, output_folder, split_counts
+from vlm.eval.benchmarks.datagen import SPLITS, check_int, output_folder, split_counts
 
 DEFAULT_SOURCE = "/usr/share/datasets/fashion-mnist"
 

@@ -2,7 +2,7 @@
 
 Data is the project's JSONL format (read by `vlm.data.read_jsonl`) or a Hugging Face dataset (a `save_to_disk`
 folder, a .parquet/.arrow file, or a hub name), read exactly as training reads it (`vlm.data`). Scores come from
-`eval.metrics.score`: VQA accuracy and exact match for question rows, COCO caption metrics for caption rows.
+`vlm.eval.metrics.score`: VQA accuracy and exact match for question rows, COCO caption metrics for caption rows.
 
 Failed rows are counted, listed in the report and never dropped silently:
 
@@ -28,12 +28,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from vlm.commands import Device, DType, Item, run_items
 from vlm.errors import VLMError
 from vlm.generation import GenerationOptions
+from vlm.inference import Device, DType, Item, run_items
 
 Task = Literal["auto", "vqa", "caption"]
-# The reference field each task scores against (see eval.metrics.score).
+# The reference field each task scores against (see vlm.eval.metrics.score).
 _REFERENCE_FIELD = {"vqa": "answer", "caption": "caption"}
 _SHOWN_FAILURES = 5  # failures printed to stderr; all of them are in the report
 
@@ -129,7 +129,7 @@ def _read_data(data: str, caption_prompt: str, split: str, columns: dict[str, st
 
 def _resolve_task(task: str, data: _Data) -> str:
     """The task to score, checked against every scorable row before anything is generated."""
-    from eval.metrics import detect_task
+    from vlm.eval.metrics import detect_task
 
     rows = [it.row for it, ok in zip(data.items, data.scorable, strict=True) if ok]
     if not rows:
@@ -353,7 +353,7 @@ def evaluate(
         _apply_predictions(predictions, rows)
     generated = time.perf_counter()
 
-    from eval.metrics import score
+    from vlm.eval.metrics import score
 
     scored = [it for it, ok in zip(rows.items, rows.scorable, strict=True) if ok]
     answers = [it.prediction if it.error is None else "" for it in scored]
@@ -423,7 +423,7 @@ def evaluate(
 
 
 def _update_card(model_dir: Path, report: dict[str, Any]) -> None:
-    from eval.model_card import write_model_card
+    from vlm.model_card import write_model_card
 
     try:
         card = write_model_card(model_dir, report)

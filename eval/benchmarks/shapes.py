@@ -43,8 +43,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-from eval.datagen import SPLITS, check_int, conversation, image_rng, output_folder, split_counts
+from vlm.eval.benchmarks.datagen import SPLITS, check_int, conversation, image_rng, output_folder, split_counts
 
 IMAGE_SIZE = 75
 """Image width and height in pixels."""

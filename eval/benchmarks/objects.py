@@ -1,10 +1,11 @@
 """Objects: a small synthetic VQA set about colours, shapes, counts and positions.
 
-Unlike Sort-of-CLEVR (:mod:`eval.shapes`: always six objects, one per colour, same size) each image here shows 1 to 4
-objects, of distinct colours drawn from five (red, green, blue, yellow, purple), each a circle, a square or an upward
-triangle 12 to 18 px across, on a white background. The questions are drawn per image from five subtypes (the
-``type`` of a row is its subtype): ``shape`` (of the object of a colour), ``color`` (of the only object of a shape),
-``count`` (all objects, or those of a shape), ``position`` (left or right) and ``exists`` (is there a colour+shape).
+Unlike Sort-of-CLEVR (:mod:`vlm.eval.benchmarks.shapes`: always six objects, one per colour, same size) each image
+here shows 1 to 4 objects, of distinct colours drawn from five (red, green, blue, yellow, purple), each a circle, a
+square or an upward triangle 12 to 18 px across, on a white background. The questions are drawn per image from five
+subtypes (the ``type`` of a row is its subtype): ``shape`` (of the object of a colour), ``color`` (of the only object
+of a shape), ``count`` (all objects, or those of a shape), ``position`` (left or right) and ``exists`` (is there a
+colour+shape).
 
 So that every answer is unambiguous from the pixels: objects' bounding boxes are at least one white pixel apart, no
 object centre lies within 2 px of the image's middle column (left/right never ties), and shapes are drawn without
@@ -18,7 +19,7 @@ Layout on disk (image paths in the JSONL files are relative to ``out``)::
     out/{split}_chat.jsonl       each image's questions as one multi-turn conversation
 
 Every image is drawn from its own random stream ``SeedSequence(seed, spawn_key=(split_id, index))``, as in
-:mod:`eval.shapes`, so :func:`scene_for` rebuilds any image's objects without reading files.
+:mod:`vlm.eval.benchmarks.shapes`, so :func:`scene_for` rebuilds any image's objects without reading files.
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-from eval.datagen import SPLITS, check_int, conversation, image_rng, output_folder, split_counts
+from vlm.eval.benchmarks.datagen import SPLITS, check_int, conversation, image_rng, output_folder, split_counts
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0),

@@ -1,6 +1,6 @@
 """`vlm baselines`: what a VLM must beat on a VQA set before "the model uses the image" is a claim.
 
-Two reference points, scored exactly as `vlm eval` scores a model (`eval.metrics.score`: VQA accuracy and exact
+Two reference points, scored exactly as `vlm eval` scores a model (`vlm.eval.metrics.score`: VQA accuracy and exact
 match, overall, per row "type" and per "subtype"):
 
 * **question only**: each test question gets the most common training answer to the same question (words
@@ -42,7 +42,7 @@ def words(text: str) -> list[str]:
 
 
 def normalize_answer(text: str) -> str:
-    """An answer as a class name: lower-cased, whitespace collapsed (as `eval.metrics.exact_match` compares)."""
+    """An answer as a class name: lower-cased, whitespace collapsed (as `vlm.eval.metrics.exact_match` compares)."""
     return " ".join(text.split()).lower()
 
 
@@ -83,8 +83,8 @@ def read_vqa(path: str | Path, limit: int | None = None) -> tuple[list[VQARow], 
 
 
 def _score(test_rows: list[VQARow], predictions: list[str]) -> dict[str, Any]:
-    """`eval.metrics.score`'s metrics overall, per type and per subtype (the numbers `vlm eval` prints)."""
-    from eval.metrics import score
+    """`vlm.eval.metrics.score`'s metrics overall, per type and per subtype (the numbers `vlm eval` prints)."""
+    from vlm.eval.metrics import score
 
     def rounded(metrics: dict[str, float]) -> dict[str, float]:
         return {name: round(value, 4) for name, value in metrics.items()}

@@ -1,0 +1,1 @@
+"""Benchmark data generators (shapes, objects, Fashion-MNIST) and the shapes report."""
