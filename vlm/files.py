@@ -1,0 +1,90 @@
+"""Atomic writes: a file or folder appears complete under its name, or not at all (the old one stays).
+
+Everything vlm writes for a user (checkpoint folders, converted GGUF caches, LLaVA exports, predictions, reports,
+model cards, training checkpoints) goes through these, so an interrupted run never leaves half a file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """Opens a temporary file beside `path` (mode "w" for text in UTF-8, "wb" for bytes); when the block ends
+    without an error it is flushed to disk and renamed onto `path`, otherwise it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Writes `text` to `path` atomically."""
+    with atomic_file(path) as f:
+        f.write(text)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Writes `obj` as indented JSON (UTF-8, non-ASCII kept) to `path` atomically."""
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: Any) -> None:
+    """Writes an iterable of JSON objects, one per line, to `path` atomically."""
+    with atomic_file(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path, keep_extra: bool = False, exist_ok: bool = False) -> Iterator[Path]:
+    """Yields an empty temporary folder beside `path`; when the block ends without an error the folder is moved onto
+    `path` (an existing folder there is replaced in one rename; with `keep_extra`, files in it that the new folder
+    lacks, such as a model card, are carried over), otherwise it is removed.
+
+    `exist_ok`: another process may have written the same folder first (a cache); then its copy is kept.
+    The folder gets ordinary permissions (755, files 644) rather than mkdtemp's owner-only ones.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        for f in tmp.rglob("*"):
+            os.chmod(f, 0o755 if f.is_dir() else 0o644)
+        if path.exists() and exist_ok:
+            return
+        if path.exists():
+            if keep_extra:
+                for extra in path.iterdir():
+                    if not (tmp / extra.name).exists():
+                        (shutil.copytree if extra.is_dir() else shutil.copy2)(extra, tmp / extra.name)
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                if not (exist_ok and path.is_dir()):  # with exist_ok, another process finishing first is fine
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
