@@ -35,7 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,6 +45,7 @@ from vlm.config import TINY_TOKENIZER, VLMConfig
 from vlm.decoder import context_length, resolve_source
 from vlm.errors import VLMError
 from vlm.generation import GenerationOptions
+from vlm.inference import Device, DType, items_from_inputs, run_items
 from vlm.model import IGNORE_INDEX, VisionLanguageModel, packing_problem
 from vlm.processor import Processor, add_image_token, tokenizer_for
 
@@ -345,7 +346,6 @@ def _end_to_end(model_dir: Path, folder: Path, device: str, dtype: str, repeats:
     from vlm.checkpoint import open_model
     from vlm.generation import GenerationOptions
     from vlm.images import list_images
-    from vlm.inference import items_from_inputs, run_items
 
     script = shutil.which("vlm")
     cmd = [script] if script else [sys.executable, "-m", "vlm.cli"]
@@ -499,8 +499,8 @@ def bench(
     steps: int = 10,
     warmup: int = 3,
     rounds: int = 3,
-    device: Literal["auto", "cpu", "cuda"] = "auto",
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto",
+    device: Device = "auto",
+    dtype: DType = "auto",
     pack_tokens: int | None = None,
     baseline: bool = True,
     output: str | None = None,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import os
 import re
 import sys
 import time
@@ -29,8 +28,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vlm.errors import VLMError
+from vlm.files import write_json, write_jsonl
 from vlm.generation import GenerationOptions
-from vlm.inference import Device, DType, Item, run_items
+from vlm.inference import Device, DType, Item, items_from_jsonl, run_items
+from vlm.model_card import format_metric, metric_rows
 
 Task = Literal["auto", "vqa", "caption"]
 # The reference field each task scores against (see vlm.eval.metrics.score).
@@ -59,20 +60,12 @@ def data_name(path: Path) -> str:
 
 
 def _jsonl_data(path: Path, caption_prompt: str, limit: int | None) -> _Data:
-    from vlm.data import RowError, read_jsonl
-
-    items, scorable, where = [], [], []
-    for ex in read_jsonl(path, caption_prompt):
-        if limit is not None and len(items) >= limit:
-            break
-        where.append(f"{path}:{ex.line}")
-        if isinstance(ex, RowError):
-            items.append(Item({"line": ex.line}, [], "", error=str(ex).removeprefix(f"line {ex.line}: ")))
-            scorable.append(False)
-        else:
-            items.append(Item(ex.row, ex.images, ex.prompt))
-            scorable.append(True)
-    return _Data(items, scorable, where, data_name(path))
+    items = items_from_jsonl(path, caption_prompt, require_target=True, limit=limit)
+    for it in items:  # messages name the place as file:LINE
+        if it.error is not None:
+            it.error = it.error.removeprefix(f"line {it.line}: ")
+    where = [f"{path}:{it.line}" for it in items]
+    return _Data(items, [it.error is None for it in items], where, data_name(path))
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
@@ -213,22 +206,13 @@ def extract_answer(prediction: str, rx: re.Pattern[str]) -> str:
 def _write_predictions(path: Path, items: list[Item], rx: re.Pattern[str] | None) -> None:
     """Each data row plus its "prediction" (null and an "error" for a failed row), in data order; atomic. Under
     ``--answer_regex`` a row also has the "scored" part of its prediction."""
-    tmp = path.with_name(path.name + ".partial")
-    with tmp.open("w", encoding="utf-8") as f:
-        for it in items:
-            row = {**it.row, "prediction": it.prediction if it.error is None else None}
-            if rx is not None and it.error is None:
-                row["scored"] = extract_answer(it.prediction, rx)
-            if it.error is not None:
-                row["error"] = it.error
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    rows = []
+    for it in items:
+        row = it.result()
+        if rx is not None and it.error is None:
+            row["scored"] = extract_answer(it.prediction, rx)
+        rows.append(row)
+    write_jsonl(path, rows)
 
 
 def predictions_path(output: str | Path) -> Path:
@@ -237,20 +221,15 @@ def predictions_path(output: str | Path) -> Path:
     return output.with_name(output.stem + ".predictions.jsonl")
 
 
-def _fmt(value: Any) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
 def summary_table(report: dict[str, Any]) -> str:
     """The report as text: a header, then one line per group (overall, each type, each subtype, indented) and one
     column per metric."""
     names = list(report["metrics"])
-    labels, values = [f"overall ({report['num_scored']})"], [report["metrics"]]
-    for field, indent in (("type", ""), ("subtype", "  ")):
-        counts = report.get(f"{field}_counts", {})
-        for group, metrics in report.get(f"by_{field}", {}).items():
-            labels.append(f"{indent}{group} ({counts.get(group, '?')})")
-            values.append(metrics)
+    rows = metric_rows(report)
+    labels = [
+        ("  " if level == "subtype" else "") + f"{group} ({'?' if n is None else n})" for level, group, n, _ in rows
+    ]
+    values = [m for *_, m in rows]
     width = max(len(label) for label in labels)
     cols = [max(len(n), 8) for n in names]
     source = f"model {report['model']}" if report.get("model") else f"predictions {report['predictions_from']}"
@@ -264,7 +243,7 @@ def summary_table(report: dict[str, Any]) -> str:
         " " * width + "  " + "  ".join(n.rjust(c) for n, c in zip(names, cols, strict=True)),
     ]
     for label, metrics in zip(labels, values, strict=True):
-        cells = [_fmt(metrics.get(n)).rjust(c) for n, c in zip(names, cols, strict=True)]
+        cells = [format_metric(metrics.get(n)).rjust(c) for n, c in zip(names, cols, strict=True)]
         lines.append(label.ljust(width) + "  " + "  ".join(cells))
     lines += [f"note: {note}" for note in report.get("notes", [])]
     return "\n".join(lines)
@@ -403,7 +382,7 @@ def evaluate(
         out.parent.mkdir(parents=True, exist_ok=True)
         report["predictions"] = str(predictions_path(out))
         _write_predictions(predictions_path(out), rows.items, rx)
-        _write_json(out, report)
+        write_json(out, report)
     print(summary_table(report))
 
     for failure in failures[:_SHOWN_FAILURES]:

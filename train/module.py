@@ -17,11 +17,8 @@ from __future__ import annotations
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,18 +35,6 @@ from vlm.processor import Processor
 
 # ViT parameters that are embeddings although they are not `nn.Embedding` weights.
 _EMBEDDING_NAMES = ("pos_embed", "cls_token", "reg_token")
-
-
-def processor_files(processor: Processor) -> dict[str, torch.Tensor]:
-    """The processor's saved files as byte tensors, so a training checkpoint alone can be exported."""
-    tmp = Path(tempfile.mkdtemp(prefix="vlm-processor-"))
-    try:
-        processor.save_pretrained(tmp)
-        return {
-            p.name: torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in tmp.iterdir() if p.is_file()
-        }
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def rng_state() -> dict[str, Any]:
@@ -180,7 +165,7 @@ class VLMModule(LightningModule):
             self.vlm.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if lr_encoder > 0 and hasattr(self.vlm.encoder.model, "set_grad_checkpointing"):
                 self.vlm.encoder.model.set_grad_checkpointing(True)
-        self._processor_files = processor_files(self.processor)
+        self._processor_files = self.processor.to_tensors()
         self._pending_rng: dict[str, Any] | None = None
         self._correct = 0
         self._answered = 0

@@ -7,9 +7,6 @@ everything goes to a temporary sibling folder that replaces the target in one re
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,13 +14,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
-from vlm.config import VLMConfig
+from vlm.config import CONFIG_FILE, WEIGHTS_FILE, VLMConfig
 from vlm.errors import VLMError
+from vlm.files import atomic_folder
 from vlm.model import VisionLanguageModel
 from vlm.processor import PROCESSOR_FILE, Processor, tokenizer_for
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 def build(config: VLMConfig, pretrained: bool = True) -> tuple[VisionLanguageModel, Processor]:
@@ -36,9 +31,8 @@ def build(config: VLMConfig, pretrained: bool = True) -> tuple[VisionLanguageMod
 def save_checkpoint(model: VisionLanguageModel, path: str | Path, processor: Processor | None = None) -> Path:
     """Writes the model (and processor) to `path`, replacing any folder there only once all is written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    # Files others put beside the weights (e.g. a model card) are kept.
+    with atomic_folder(path, keep_extra=True) as tmp:
         config = copy.deepcopy(model.config)
         # The weights are in the folder: loading must not fetch pretrained ones again.
         config.encoder.pretrained, config.encoder.weights, config.decoder.pretrained = False, None, False
@@ -46,24 +40,6 @@ def save_checkpoint(model: VisionLanguageModel, path: str | Path, processor: Pro
         save_safetensors(model, str(tmp / WEIGHTS_FILE))
         if processor is not None:
             processor.save_pretrained(tmp)
-        # mkdtemp and safetensors make owner-only files; a checkpoint is meant to be shared like any folder.
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        if path.exists():
-            # Keep files others put beside the weights (e.g. a model card), then swap in one rename.
-            for extra in path.iterdir():
-                if not (tmp / extra.name).exists():
-                    (shutil.copytree if extra.is_dir() else shutil.copy2)(extra, tmp / extra.name)
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

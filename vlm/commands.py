@@ -5,42 +5,35 @@ Each is a typed function; `vlm/cli.py` builds its command line and `--help` from
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from vlm.errors import VLMError
+from vlm.files import atomic_file
 from vlm.generation import GenerationOptions, generate_texts
 from vlm.inference import Device, DType, Item, items_from_inputs, items_from_jsonl, run_items
 
 
 def _emit(items: Iterator[Item], output: str | None, as_json: bool, single: bool, streamed: bool) -> int:
-    """Writes results (JSONL file, JSON lines or plain text) as they come; returns how many items failed."""
+    """Writes results (JSONL file, JSON lines or plain text) as they come; returns how many items failed. An output
+    file appears only once complete."""
     failed = total = 0
-    tmp = Path(f"{output}.partial") if output else None
-    out = tmp.open("w", encoding="utf-8") if tmp else sys.stdout
-    try:
+    with atomic_file(output) if output else contextlib.nullcontext(sys.stdout) as out:
         for item in items:
             total += 1
-            row = {**item.row, "prediction": item.prediction}
             if item.error:
                 failed += 1
-                row["error"] = item.error
                 print(f"vlm: error: {item.error}", file=sys.stderr)
-            if tmp or as_json:
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            if output or as_json:
+                out.write(json.dumps(item.result(), ensure_ascii=False) + "\n")
             elif item.error is None:
                 if streamed:
                     continue  # already printed token by token
                 out.write(item.prediction + "\n" if single else f"{item.row.get('image', '')}\t{item.prediction}\n")
             out.flush()
-    finally:
-        if tmp:
-            out.close()
-    if tmp:
-        os.replace(tmp, output)  # the output file appears only once complete
     if failed and total > 1:
         print(
             f"vlm: {failed} of {total} items failed" + (f" (see 'error' in {output})" if output else ""),

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from vlm.errors import VLMError
 
+CONFIG_FILE = "config.json"  # a checkpoint folder's config
+WEIGHTS_FILE = "model.safetensors"  # ... and its weights
 PARTS = ("encoder", "projector", "decoder")  # the three parts of every model, in data-flow order
 TINY_TOKENIZER = "package:vlm/assets/tiny_tokenizer"  # found in the installed package, so configs name no machine path
 

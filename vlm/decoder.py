@@ -11,8 +11,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from vlm.config import DecoderConfig
 from vlm.errors import VLMError
+from vlm.files import atomic_folder
 
 PACKAGE_PREFIX = "package:"
 
@@ -67,17 +66,8 @@ def gguf_folder(path: str | Path) -> Path:
     target = cache_root() / "gguf" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_folder(target, exist_ok=True) as tmp:  # another process converting it first is fine
         _convert_gguf(path, tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not target.is_dir():  # another process finishing first is fine; anything else is not
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

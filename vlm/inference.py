@@ -36,6 +36,13 @@ class Item:
     # so a large in-memory dataset is decoded batch by batch; raises VLMError for a bad image.
     source: Callable[[], list] | None = None
 
+    def result(self) -> dict[str, Any]:
+        """The row as written out: its own fields, "prediction" (null for a failed item) and "error" if it failed."""
+        row = {**self.row, "prediction": self.prediction if self.error is None else None}
+        if self.error is not None:
+            row["error"] = self.error
+        return row
+
 
 def items_from_inputs(inputs: list[str], caption_prompt: str) -> tuple[list[Item], bool]:
     """Expands image files, folders of images and JSONL files into items; says whether it was one image."""
@@ -57,14 +64,19 @@ def items_from_inputs(inputs: list[str], caption_prompt: str) -> tuple[list[Item
     return items, single
 
 
-def items_from_jsonl(path: Path, caption_prompt: str) -> list[Item]:
-    """Rows of a JSONL file (question rows for `ask`, image rows for `caption`); broken rows become error items."""
+def items_from_jsonl(
+    path: Path, caption_prompt: str, require_target: bool = False, limit: int | None = None
+) -> list[Item]:
+    """The first `limit` rows of a JSONL file (question rows for `ask`, image rows for `caption`, scored rows for
+    `vlm eval` with `require_target`); broken rows become error items, keeping the row's own fields (e.g. an id)
+    where the line was a JSON object, so outputs join back."""
     from vlm.data import RowError, read_jsonl
 
     items = []
-    for ex in read_jsonl(path, caption_prompt, require_target=False):
+    for ex in read_jsonl(path, caption_prompt, require_target=require_target):
+        if limit is not None and len(items) >= limit:
+            break
         if isinstance(ex, RowError):
-            # Keep the row's own fields (e.g. an id) where the line was a JSON object, so outputs join back.
             row = ex.row if isinstance(ex.row, dict) else {"line": ex.line}
             items.append(Item(row, [], "", error=str(ex), line=ex.line))
         else:

@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from vlm.config import PARTS
+from vlm.config import CONFIG_FILE, PARTS, WEIGHTS_FILE
 from vlm.errors import VLMError
+from vlm.files import write_text
 
 CARD_FILE = "README.md"
 EVAL_RESULTS_FILE = "eval_results.json"
 TRAINING_FILE = "training.json"
-_CONFIG_FILE = "config.json"
-_WEIGHTS_FILE = "model.safetensors"
 _PROCESSOR_FILE = "processor_config.json"
 # The parts of a `vlm eval` report an eval_results.json entry keeps (not the per-row failures).
 _RESULT_KEYS = (
@@ -46,7 +44,7 @@ def parameter_counts(model_dir: str | Path) -> dict[str, int]:
     from safetensors import safe_open
 
     counts = dict.fromkeys(PARTS, 0)
-    with safe_open(str(Path(model_dir) / _WEIGHTS_FILE), framework="pt") as f:
+    with safe_open(str(Path(model_dir) / WEIGHTS_FILE), framework="pt") as f:
         for name in f.keys():
             n = 1
             for dim in f.get_slice(name).get_shape():
@@ -60,14 +58,14 @@ def parameter_counts(model_dir: str | Path) -> dict[str, int]:
 def _weights_dtypes(model_dir: Path) -> list[str]:
     from safetensors import safe_open
 
-    with safe_open(str(model_dir / _WEIGHTS_FILE), framework="pt") as f:
+    with safe_open(str(model_dir / WEIGHTS_FILE), framework="pt") as f:
         return sorted({f.get_slice(name).get_dtype() for name in f.keys()})
 
 
 def weights_digest(model_dir: str | Path) -> str:
     """SHA-256 of model.safetensors: which weights an evaluation measured."""
     h = hashlib.sha256()
-    with (Path(model_dir) / _WEIGHTS_FILE).open("rb") as f:
+    with (Path(model_dir) / WEIGHTS_FILE).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -78,12 +76,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise VLMError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def read_eval_results(model_dir: str | Path) -> dict[str, dict[str, Any]]:
@@ -115,7 +107,7 @@ def record_eval_result(model_dir: str | Path, report: dict[str, Any], digest: st
     entry["weights_sha256"] = digest or weights_digest(model_dir)
     results[result_key(report)] = entry
     text = json.dumps({"format_version": 1, "results": results}, indent=2, ensure_ascii=False) + "\n"
-    _write_atomic(model_dir / EVAL_RESULTS_FILE, text)
+    write_text(model_dir / EVAL_RESULTS_FILE, text)
 
 
 def write_model_card(model_dir: str | Path, report: dict[str, Any] | None = None) -> Path:
@@ -126,14 +118,14 @@ def write_model_card(model_dir: str | Path, report: dict[str, Any] | None = None
         report: A `vlm eval` report to record first in the folder's eval_results.json (keyed by its data).
     """
     model_dir = Path(model_dir)
-    if not (model_dir / _CONFIG_FILE).is_file() or not (model_dir / _WEIGHTS_FILE).is_file():
-        raise VLMError(f"not a vlm checkpoint folder (needs {_CONFIG_FILE} and {_WEIGHTS_FILE}): {model_dir}")
+    if not (model_dir / CONFIG_FILE).is_file() or not (model_dir / WEIGHTS_FILE).is_file():
+        raise VLMError(f"not a vlm checkpoint folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}): {model_dir}")
     digest = weights_digest(model_dir)
     if report is not None:
         record_eval_result(model_dir, report, digest)
     card = render_model_card(model_dir, digest)
     path = model_dir / CARD_FILE
-    _write_atomic(path, card)
+    write_text(path, card)
     return path
 
 
@@ -183,8 +175,8 @@ def _architecture(model_dir: Path, config: dict[str, Any], processor: dict[str, 
         lines.append(f"| {part} | {parts.get(part, '')} | {counts[part]:,}{share} |")
     lines.append(f"| **total** | | **{total:,}** ({_millions(total)}) |")
     lines.append("")
-    size = (model_dir / _WEIGHTS_FILE).stat().st_size
-    lines.append(f"- Weights: `{_WEIGHTS_FILE}`, {', '.join(_weights_dtypes(model_dir))}, {size / 1e6:.1f} MB.")
+    size = (model_dir / WEIGHTS_FILE).stat().st_size
+    lines.append(f"- Weights: `{WEIGHTS_FILE}`, {', '.join(_weights_dtypes(model_dir))}, {size / 1e6:.1f} MB.")
     if processor:
         h, w = processor.get("transform", {}).get("size", ["?", "?"])
         lines.append(
@@ -302,10 +294,10 @@ def _training_summary(r: dict[str, Any]) -> list[str]:
     last = r.get("last_metrics") or {}
     losses = []
     if last.get("train_loss") is not None:
-        losses.append(f"training loss {_fmt(last['train_loss'])} (last step)")
+        losses.append(f"training loss {format_metric(last['train_loss'])} (last step)")
     if last.get("val_loss") is not None:
-        accuracy = f", accuracy {_fmt(last['val_accuracy'])}" if last.get("val_accuracy") is not None else ""
-        losses.append(f"validation loss {_fmt(last['val_loss'])}{accuracy} (step {last.get('val_step')})")
+        accuracy = f", accuracy {format_metric(last['val_accuracy'])}" if last.get("val_accuracy") is not None else ""
+        losses.append(f"validation loss {format_metric(last['val_loss'])}{accuracy} (step {last.get('val_step')})")
     if losses:
         lines.append(f"- **Final losses**: {'; '.join(losses)}.")
     versions = r.get("versions") or {}
@@ -314,8 +306,20 @@ def _training_summary(r: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _fmt(value: Any) -> str:
+def format_metric(value: Any) -> str:
+    """A metric value in a table: 4 decimals, "-" when missing."""
     return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def metric_rows(report: dict[str, Any]) -> list[tuple[str, str, Any, dict[str, Any]]]:
+    """A `vlm eval` report's table rows: (level, group, row count, metrics) for the overall scores, then each type,
+    then each subtype; the count is None where the report lacks it. Both the printed summary and the model card
+    render these."""
+    rows = [("overall", "overall", report.get("num_scored"), report.get("metrics", {}))]
+    for level in ("type", "subtype"):
+        counts = report.get(f"{level}_counts", {})
+        rows += [(level, group, counts.get(group), m) for group, m in report.get(f"by_{level}", {}).items()]
+    return rows
 
 
 def _evaluation(results: dict[str, dict[str, Any]], digest: str) -> list[str]:
@@ -340,13 +344,10 @@ def _evaluation(results: dict[str, dict[str, Any]], digest: str) -> list[str]:
             "",
             "| | " + " | ".join(names) + " |",
             "|---|" + "---:|" * len(names),
-            f"| overall ({r.get('num_scored')}) | " + " | ".join(_fmt(r["metrics"].get(n)) for n in names) + " |",
         ]
-        for field, prefix in (("type", ""), ("subtype", "subtype ")):
-            counts = r.get(f"{field}_counts", {})
-            for t, m in r.get(f"by_{field}", {}).items():
-                label = prefix + (f"{t} ({counts[t]})" if t in counts else t)
-                lines.append(f"| {label} | " + " | ".join(_fmt(m.get(n)) for n in names) + " |")
+        for level, group, count, m in metric_rows(r):
+            label = ("subtype " if level == "subtype" else "") + (group if count is None else f"{group} ({count})")
+            lines.append(f"| {label} | " + " | ".join(format_metric(m.get(n)) for n in names) + " |")
         lines += [f"\nNote: {note}" for note in r.get("notes", [])]
     if stale:
         lines += ["", f"({stale} earlier result(s) in `eval_results.json` were measured on other weights; not shown.)"]
@@ -356,7 +357,7 @@ def _evaluation(results: dict[str, dict[str, Any]], digest: str) -> list[str]:
 def render_model_card(model_dir: str | Path, digest: str | None = None) -> str:
     """The model card text of a checkpoint folder (see the module docstring for its sources)."""
     model_dir = Path(model_dir)
-    config = _read_json(model_dir / _CONFIG_FILE)
+    config = _read_json(model_dir / CONFIG_FILE)
     processor = _read_json(model_dir / _PROCESSOR_FILE) if (model_dir / _PROCESSOR_FILE).is_file() else {}
     digest = digest or weights_digest(model_dir)
     name = model_dir.resolve().name

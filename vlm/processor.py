@@ -8,6 +8,7 @@ segments, prompt and answer apart, so the labels cover exactly the assistant's t
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,24 @@ class Processor:
             meta["max_length"],
             meta.get("images_after_text", False),  # not written before this option existed
         )
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The saved files as uint8 tensors (name -> bytes), so a training checkpoint, which holds only tensors and
+        plain containers, carries its processor; `from_tensors` reads them back."""
+        with tempfile.TemporaryDirectory(prefix="vlm-processor-") as tmp:
+            self.save_pretrained(tmp)
+            return {
+                p.name: torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8)
+                for p in Path(tmp).iterdir()
+                if p.is_file()
+            }
+
+    @classmethod
+    def from_tensors(cls, files: dict[str, torch.Tensor]) -> Processor:
+        with tempfile.TemporaryDirectory(prefix="vlm-processor-") as tmp:
+            for name, data in files.items():
+                (Path(tmp) / Path(name).name).write_bytes(data.numpy().tobytes())
+            return cls.from_pretrained(tmp)
 
     # ---- text -------------------------------------------------------------------------------------------
 

@@ -4,10 +4,6 @@ the run's training record (training.json, shown by the model card) beside the we
 from __future__ import annotations
 
 import datetime
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +12,7 @@ import torch
 from vlm.checkpoint import save_checkpoint
 from vlm.config import PARTS, VLMConfig
 from vlm.errors import VLMError
+from vlm.files import write_json
 from vlm.lora import LoraSettings, add_lora, merged_copy
 from vlm.model import VisionLanguageModel
 from vlm.model_card import TRAINING_FILE
@@ -26,13 +23,7 @@ def export_state(meta: dict[str, Any], state_dict: dict[str, torch.Tensor], out_
     """Rebuilds the model from `meta` (`VLMModule.export_meta`), loads the module's `state_dict` (keys `vlm.*`),
     merges LoRA adapters, and writes a vlm checkpoint folder (atomically), plus `meta["training"]` (the run's
     training record) as training.json when there is one."""
-    tmp = Path(tempfile.mkdtemp(prefix="vlm-export-"))
-    try:
-        for name, data in meta["processor_files"].items():
-            (tmp / name).write_bytes(data.numpy().tobytes())
-        processor = Processor.from_pretrained(tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    processor = Processor.from_tensors(meta["processor_files"])
     model = VisionLanguageModel.from_config(VLMConfig.from_dict(meta["config"]), processor.tokenizer, pretrained=False)
     if meta.get("lora"):
         model.decoder = add_lora(model.decoder, LoraSettings(**meta["lora"]))
@@ -45,9 +36,7 @@ def export_state(meta: dict[str, Any], state_dict: dict[str, torch.Tensor], out_
     model = merged_copy(model).float().eval()
     out = save_checkpoint(model, out_dir, processor)
     if meta.get("training") is not None:
-        tmp = out / f".{TRAINING_FILE}.partial"
-        tmp.write_text(json.dumps(meta["training"], indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-        os.replace(tmp, out / TRAINING_FILE)
+        write_json(out / TRAINING_FILE, meta["training"])
     return out
 
 
