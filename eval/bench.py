@@ -127,7 +127,7 @@ def _baseline_source(
     """Exports the model (or, if it cannot be, the nearest LLaVA-shaped one) as a transformers LLaVA folder.
 
     Returns (LLaVA folder or None, the nearest model if one was built, its processor, a note for the output)."""
-    from vlm.hf import export_hf
+    from vlm.llava import export_hf
 
     if folder is None:
         folder = checkpoint.save_checkpoint(model, tmp / "vlm", processor)

@@ -1,4 +1,4 @@
-"""Tests for the transformers LLaVA export and import (vlm/hf.py).
+"""Tests for the transformers LLaVA export and import (vlm/llava/).
 
 Tiny random models (CLIP- and SigLIP-style timm towers, the `tiny` llama decoder) are exported, loaded back with
 transformers and compared with the vlm model: weights complete, logits equal, processor ids and pixels equal,
@@ -30,7 +30,7 @@ from vlm.checkpoint import build, load, save_checkpoint
 from vlm.config import TINY_TOKENIZER, VLMConfig
 from vlm.decoder import load_tokenizer
 from vlm.errors import VLMError
-from vlm.hf import export_hf, import_hf
+from vlm.llava import export_hf, import_hf
 
 TOWER = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 3, "num_heads": 2}
 VARIANTS = {

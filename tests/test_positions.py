@@ -11,7 +11,7 @@ from conftest import build_tiny, tiny_config
 from vlm.checkpoint import load, save_checkpoint
 from vlm.errors import VLMError
 from vlm.generation import generate_texts
-from vlm.hf import export_hf
+from vlm.llava import export_hf
 from vlm.positions import GridRotary, grid_offsets
 
 

@@ -29,8 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("vlm.train.cli:main", "train a model (LightningCLI; --config samples/configs/NAME.yaml)"),
     "validate": ("vlm.train.cli:main", "validate a model (LightningCLI)"),
     "import-ckpt": ("vlm.training_ckpt:import_ckpt", "make a vlm checkpoint folder from a training checkpoint (.ckpt)"),
-    "export-hf": ("vlm.hf:export_hf", "write a transformers LLaVA folder from a vlm checkpoint"),
-    "import-hf": ("vlm.hf:import_hf", "make a vlm checkpoint from a transformers LLaVA folder (or hub id)"),
+    "export-hf": ("vlm.llava.export:export_hf", "write a transformers LLaVA folder from a vlm checkpoint"),
+    "import-hf": ("vlm.llava.load:import_hf", "make a vlm checkpoint from a transformers LLaVA folder (or hub id)"),
     "data shapes": ("vlm.eval.benchmarks.shapes:generate_shapes", "generate the Sort-of-CLEVR benchmark (JSONL + PNG)"),
     "data fashion-mnist": (
         "vlm.eval.benchmarks.fashion_mnist:generate_fashion_mnist",

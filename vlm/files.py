@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from vlm.errors import VLMError
+
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
@@ -49,6 +51,15 @@ def write_jsonl(path: str | Path, rows: Any) -> None:
     with atomic_file(path) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def free_folder(path: str | Path) -> Path:
+    """`path` as a Path if nothing is there yet or only an empty folder (which `atomic_folder` replaces, losing
+    nothing); VLMError otherwise, so that a command never writes over a folder it did not make."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise VLMError(f"output folder {path} already exists and is not empty")
+    return path
 
 
 @contextlib.contextmanager

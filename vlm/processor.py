@@ -31,7 +31,7 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-_RESAMPLE = {
+RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
@@ -53,7 +53,7 @@ class ImageTransform:
     def __call__(self, images: list[Image.Image]) -> Tensor:
         """RGB PIL images -> (n, 3, H, W) float32."""
         h, w = self.size
-        resample = _RESAMPLE.get(self.interpolation, Image.Resampling.BICUBIC)
+        resample = RESAMPLE.get(self.interpolation, Image.Resampling.BICUBIC)
         arr = np.stack([np.asarray(img.convert("RGB").resize((w, h), resample), dtype=np.float32) for img in images])
         x = torch.from_numpy(arr).permute(0, 3, 1, 2).div_(255.0)  # (n, H, W, 3) -> (n, 3, H, W)
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
