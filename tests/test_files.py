@@ -1,0 +1,84 @@
+"""Tests for vlm/files.py: a file or folder appears complete under its name or not at all."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlm.files import atomic_file, atomic_folder, write_json, write_jsonl, write_text
+
+
+class Boom(Exception):
+    pass
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_nothing_beside_it(tmp_path):
+    path = tmp_path / "out.txt"
+    write_text(path, "old\n")
+    with pytest.raises(Boom), atomic_file(path) as f:
+        f.write("half of the new")
+        raise Boom
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_writes_text_json_and_jsonl(tmp_path):
+    write_json(tmp_path / "a" / "r.json", {"accuracy": 0.5, "name": "café"})
+    assert json.loads((tmp_path / "a" / "r.json").read_text(encoding="utf-8")) == {"accuracy": 0.5, "name": "café"}
+    write_jsonl(tmp_path / "p.jsonl", ({"i": i} for i in range(3)))
+    assert (tmp_path / "p.jsonl").read_text().splitlines() == ['{"i": 0}', '{"i": 1}', '{"i": 2}']
+    with atomic_file(tmp_path / "b.bin", "wb") as f:
+        f.write(b"\x00\x01")
+    assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
+
+
+def test_a_folder_is_replaced_whole_and_can_keep_files_put_beside_it(tmp_path):
+    out = tmp_path / "model"
+    with atomic_folder(out) as tmp:
+        (tmp / "weights").write_text("v1")
+        assert not out.exists()  # nothing under the name until the block ends
+    (out / "README.md").write_text("card")
+    with atomic_folder(out, keep_extra=True) as tmp:
+        (tmp / "weights").write_text("v2")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "weights"]
+    assert (out / "weights").read_text() == "v2"
+    with atomic_folder(out) as tmp:
+        (tmp / "weights").write_text("v3")
+    assert [p.name for p in out.iterdir()] == ["weights"]
+    assert oct(out.stat().st_mode & 0o777) == "0o755" and oct((out / "weights").stat().st_mode & 0o777) == "0o644"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_failed_folder_write_keeps_the_old_folder(tmp_path):
+    out = tmp_path / "model"
+    with atomic_folder(out) as tmp:
+        (tmp / "weights").write_text("v1")
+    with pytest.raises(Boom), atomic_folder(out) as tmp:
+        (tmp / "weights").write_text("half")
+        raise Boom
+    assert (out / "weights").read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_exist_ok_keeps_a_copy_another_process_finished_first(tmp_path):
+    out = tmp_path / "cache"
+    with atomic_folder(out, exist_ok=True) as tmp:
+        (tmp / "f").write_text("mine")
+        out.mkdir()  # another process publishes the same folder meanwhile
+        (out / "f").write_text("theirs")
+    assert (out / "f").read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_free_folder_refuses_a_folder_with_files_in_it(tmp_path):
+    from vlm.errors import VLMError
+    from vlm.files import free_folder
+
+    assert free_folder(tmp_path / "new") == tmp_path / "new"
+    (tmp_path / "empty").mkdir()
+    assert free_folder(tmp_path / "empty") == tmp_path / "empty"
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(VLMError, match="already exists and is not empty"):
+        free_folder(tmp_path / "full")
