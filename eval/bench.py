@@ -4,8 +4,9 @@ Both models run in one process on the same random inputs, so ratios compare like
 `rounds` rounds, each measuring both (vlm first in odd rounds, the baseline first in even ones), so a machine that
 speeds up or slows down during the run (a shared CPU does) moves both alike. Within a round every figure is a median
 over repeats after warm-up; the figures printed are the medians over rounds, and each ratio is the median of the
-rounds' own ratios. CUDA timings synchronize before and after each repeat; the model not being measured waits on
-the CPU.
+rounds' own ratios. Each repeat is timed on its own (stdlib timeit, garbage collection off) by torch.utils.benchmark's
+clock, which synchronizes the accelerator before reading the time, so a CUDA repeat ends when its kernels do; the
+model not being measured waits on the CPU.
 
 FLOPs per training sample follow the 6 x parameters x tokens rule (Kaplan et al. 2020, "Scaling Laws for Neural
 Language Models"; forward 2, backward 4), applied per part because each part sees a different number of tokens:
@@ -33,12 +34,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import benchmark
 
 from vlm import checkpoint
 from vlm.config import TINY_TOKENIZER, VLMConfig
@@ -55,27 +58,18 @@ FOLDER_IMAGES = 32  # images in the folder the data pipeline and folder captioni
 MIX_SIGMA = 1.0
 
 
-def _timed(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> float:
-    """Median seconds of `fn` over `repeats` calls after `warmup` untimed ones."""
+def _timed(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
+    """Median seconds of `fn` over `repeats` calls after `warmup` untimed ones (see the module docstring)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timeit.Timer(fn, timer=benchmark.timer).repeat(repeat=repeats, number=1))
 
 
 def _matmul_peak(device: torch.device, dtype: torch.dtype) -> tuple[int, float]:
     """FLOP/s of one square matmul large enough to reach the hardware's practical peak."""
     n = 4096 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return n, 2 * n**3 / _timed(lambda: a @ b, 10, 3, device)
+    return n, 2 * n**3 / _timed(lambda: a @ b, 10, 3)
 
 
 def _build(preset: str) -> tuple[VisionLanguageModel, Processor, str | None]:
@@ -180,7 +174,7 @@ def _measure(net: nn.Module, processor: Processor, train_batch, gen_batches, sha
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    step_s = _timed(step, steps, warmup, device)
+    step_s = _timed(step, steps, warmup)
     if device.type == "cuda":
         memory, memory_kind = torch.cuda.max_memory_allocated(device) / 2**20, "CUDA max allocated"
     else:  # KiB on Linux, bytes on macOS; the whole process's peak so far, models before this one included
@@ -215,11 +209,11 @@ def _measure(net: nn.Module, processor: Processor, train_batch, gen_batches, sha
         out = run(new_tokens)  # also the warm-up
         new = out[:, prompt_len:] if returns_prompt else out
         real = min(sum(int(t) not in stop for t in row) for row in new.tolist())
-        gen_s = _timed(lambda: run(new_tokens), gen_repeats, 0, device)
+        gen_s = _timed(lambda: run(new_tokens), gen_repeats, 0)
         generate[str(size)] = {
             "new_tokens_per_sample": real,
             "tokens_per_s": size * real / gen_s,
-            "ttft_s": _timed(lambda: run(1), gen_repeats, 0, device),
+            "ttft_s": _timed(lambda: run(1), gen_repeats, 0),
         }
     return {"train": train, "generate": generate}
 
@@ -289,7 +283,7 @@ def _packing(net: nn.Module, processor: Processor, samples: list[dict], pack_tok
     with torch.no_grad():  # the same weights for both: the losses must agree (padding or packing, the same samples)
         loss = {kind: net(**b).loss.item() for kind, b in on_device.items()}
     for kind, batch in batches.items():
-        step_s = _timed(_train_step(net, on_device[kind], []), steps, warmup, device)
+        step_s = _timed(_train_step(net, on_device[kind], []), steps, warmup)
         rows, width = batch["input_ids"].shape
         record[kind] = {
             "rows": rows,
@@ -335,7 +329,7 @@ def _data_rate(processor: Processor, folder: Path, batch_size: int, steps: int) 
         for i in range(0, len(paths), batch_size):
             processor.transform([load_image(p) for p in paths[i : i + batch_size]])
 
-    seconds = _timed(run, min(steps, 5), 1, torch.device("cpu"))
+    seconds = _timed(run, min(steps, 5), 1)
     with Image.open(paths[0]) as first:
         size = list(first.size)
     return {"images_per_s": len(paths) / seconds, "images": len(paths), "source_size": size}

@@ -150,6 +150,11 @@ def _fallback_tokenize(text: str) -> str:
     and a short list of common abbreviations ("mr.", "etc."); then drops the tokens in pycocoevalcap's PUNCTUATIONS
     list, exactly as its PTBTokenizer wrapper does. It agrees with PTBTokenizer on ordinary English captions; rarer
     constructions (emoticons, URLs, abbreviations outside the list, odd symbol runs) may tokenize differently.
+
+    nltk's PTB-style tokenizers (TreebankWordTokenizer, word_tokenize without its downloaded sentence splitter) are not
+    faithful enough to take its place: they leave a period inside a line on its word ("shirt. he"), take the period
+    off a line-final abbreviation ("st."), and split quotes, 'n' and '90s differently (HARDER_TOKENIZED in
+    tests/test_metrics.py).
     """
     from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
 

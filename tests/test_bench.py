@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,18 @@ def _numbers(tree, path: str = ""):
             yield from _numbers(v, f"{path}[{i}]")
     elif isinstance(tree, int | float) and not isinstance(tree, bool):
         yield path, tree
+
+
+def test_timed_is_the_median_of_single_calls_after_the_warmup():
+    calls = []
+
+    def fn() -> None:
+        calls.append(len(calls))
+        time.sleep(0.3 if len(calls) == 4 else 0.001)  # the second timed call is slow
+
+    seconds = bench_module._timed(fn, repeats=3, warmup=2)
+    assert len(calls) == 5  # --warmup and --steps are exact counts
+    assert 0.001 <= seconds < 0.1  # the median: one slow call does not move it (the mean would be over 0.1)
 
 
 def test_bench_tiny_record(tmp_path, monkeypatch, capsys):

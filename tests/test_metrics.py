@@ -225,6 +225,20 @@ REFERENCES_TOKENIZED = [
         "the kitchen 's stove is next to the refrigerator",
     ],
 ]
+# Captions on which nltk's PTB-style tokenizers (TreebankWordTokenizer, word_tokenize), tried as a stand-in, depart
+# from Stanford's: several sentences on a line, abbreviations kept whole at the end of a line, quotes, 'n' and '90s,
+# curly quotes, "!!", brackets. PTBTokenizer output, recorded once like the fixture's.
+HARDER_TOKENIZED = {
+    "A man in a red shirt. He is holding a bat.": "a man in a red shirt he is holding a bat",
+    "A stop sign at 5th Ave. and Main St.": "a stop sign at 5th ave. and main st.",
+    "A plane flying over a city at 3,000 ft.": "a plane flying over a city at 3,000 ft.",
+    "He cannot see the 'big' wave.": "he can not see the big wave",
+    "Rock 'n' roll band playing on stage.": "rock 'n' roll band playing on stage",
+    "An old photo from the '90s of a house.": "an old photo from the '90s of a house",
+    "The sign says \u201cNo Parking\u201d in red letters.": "the sign says no parking in red letters",
+    "It\u2019s a dog\u2019s life!!": "it 's a dog 's life !!",
+    "A boy (age 5) on a swing.": "a boy -lrb- age 5 -rrb- on a swing",
+}
 # Expected values: computed once (pycocoevalcap 1.2, Java 17) exactly the way COCOEvalCap.evaluate() does, but without
 # SPICE: PTBTokenizer().tokenize() on the COCO-style gts and res dicts, then Bleu(4), Rouge(), Cider(), Meteor()
 # .compute_score(gts, res), each called directly on this fixture (script not kept; the calls are the ones named).
@@ -324,6 +338,7 @@ def test_independent_implementations_reproduce_recorded_values() -> None:
 def test_fallback_tokenizer_matches_recorded_ptb_output() -> None:
     assert [metrics._fallback_tokenize(p) for p in PREDICTIONS] == PREDICTIONS_TOKENIZED
     assert [[metrics._fallback_tokenize(r) for r in refs] for refs in REFERENCES] == REFERENCES_TOKENIZED
+    assert {text: metrics._fallback_tokenize(text) for text in HARDER_TOKENIZED} == HARDER_TOKENIZED
     assert (
         metrics._fallback_tokenize("Two dogs (brown) can't wait -- really...")
         == "two dogs -lrb- brown -rrb- ca n't wait really"
@@ -332,8 +347,9 @@ def test_fallback_tokenizer_matches_recorded_ptb_output() -> None:
 
 @needs_java
 def test_ptb_tokenizer_wrapper_matches_recorded_output() -> None:
-    flat = PREDICTIONS + ["", "..."] + [r for refs in REFERENCES for r in refs]
+    flat = PREDICTIONS + ["", "..."] + [r for refs in REFERENCES for r in refs] + list(HARDER_TOKENIZED)
     expected = PREDICTIONS_TOKENIZED + ["", ""] + [r for refs in REFERENCES_TOKENIZED for r in refs]
+    expected += list(HARDER_TOKENIZED.values())
     assert metrics._ptb_tokenize(flat) == expected
 
 

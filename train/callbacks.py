@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import time
 from pathlib import Path
 from typing import Any
 
@@ -59,30 +58,6 @@ class DataHealth(Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         self._report(trainer, pl_module, "val")
-
-
-class Throughput(Callback):
-    """Logs `train/tokens_per_s` (all devices, padding excluded, smoothed) to the progress bar and the loggers.
-    The clock runs from batch to batch, so data loading counts; validation does not."""
-
-    def __init__(self, smoothing: float = 0.9) -> None:
-        self.smoothing = smoothing
-        self._last: float | None = None
-        self._rate: float | None = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._last is None:
-            self._last = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        now = time.perf_counter()
-        rate = batch["num_tokens"] * trainer.world_size / max(now - self._last, 1e-9)
-        self._last = now
-        self._rate = rate if self._rate is None else self.smoothing * self._rate + (1 - self.smoothing) * rate
-        pl_module.log("train/tokens_per_s", self._rate, prog_bar=True, on_step=True, on_epoch=False)
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        self._last = None
 
 
 class RunArtifacts(Callback):

@@ -19,11 +19,13 @@ import os
 import random
 import time
 from dataclasses import asdict
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
@@ -35,6 +37,8 @@ from vlm.processor import Processor
 
 # ViT parameters that are embeddings although they are not `nn.Embedding` weights.
 _EMBEDDING_NAMES = ("pos_embed", "cls_token", "reg_token")
+# Training throughput is averaged over this many batches.
+THROUGHPUT_WINDOW = 10
 
 
 def rng_state() -> dict[str, Any]:
@@ -113,6 +117,10 @@ class VLMModule(LightningModule):
         lora: Train LoRA adapters on the decoder instead of its weights.
         max_new_tokens: Longest generated answer for validation accuracy.
     """
+
+    # Read by Lightning's ThroughputMonitor (see `configure_callbacks`): FLOPs are not counted, so the training logs
+    # have no MFU (`vlm bench` measures it).
+    flops_per_batch = None
 
     def __init__(
         self,
@@ -373,6 +381,13 @@ class VLMModule(LightningModule):
     # ---- always-on callbacks ----
 
     def configure_callbacks(self) -> list[Callback]:
-        from vlm.train.callbacks import DataHealth, RunArtifacts, Throughput
+        from vlm.train.callbacks import DataHealth, RunArtifacts
 
-        return [DataHealth(), Throughput(), RunArtifacts()]
+        # Lightning's ThroughputMonitor counts each batch's samples (a packed row holds several) and, as its items,
+        # real tokens (padding excluded); it logs train/device/items_per_sec (tokens/s of one device) and, on several
+        # devices, train/items_per_sec (all of them) over the last THROUGHPUT_WINDOW batches, data loading included,
+        # validation not. Also samples and batches per second, and the same for validation (validate/...).
+        throughput = ThroughputMonitor(
+            batch_size_fn=itemgetter("num_samples"), length_fn=itemgetter("num_tokens"), window_size=THROUGHPUT_WINDOW
+        )
+        return [DataHealth(), throughput, RunArtifacts()]
