@@ -30,17 +30,9 @@ from torch import Tensor
 from vlm.checkpoint import build, load
 from vlm.collate import Collator, encode_sample
 from vlm.config import PARTS
-from vlm.data import Example, RowError, load_row_images, read_jsonl
+from vlm.data import Example, load_row_images, single_image_rows
 from vlm.errors import VLMError
 from vlm.processor import IGNORE_INDEX
-
-
-def _question_rows(path: str, caption_prompt: str, limit: int) -> list[Example]:
-    rows = [r for r in read_jsonl(path, caption_prompt) if not isinstance(r, RowError) and r.kind == "vqa"]
-    rows = [r for r in rows if len(r.images) == 1]
-    if not rows:
-        raise VLMError(f"{path}: no single-image question rows to diagnose")
-    return rows[:limit]
 
 
 def _batches(rows: list[Example], processor, batch_size: int):
@@ -236,13 +228,13 @@ def diagnose(
     if untrained:
         vlm, processor = build(vlm.config, pretrained=False)
         vlm.eval()
-    sample = _question_rows(data, processor.caption_prompt, rows)
+    sample = single_image_rows(data, "vqa", limit=rows, caption_prompt=processor.caption_prompt)[0]
     batches = list(_batches(sample, processor, batch_size))
     report: dict[str, Any] = {"model": str(path), "untrained": untrained, "rows": len(sample)}
     report |= _norms_and_dependence(vlm, batches)
     report["attention_to_image"] = _attention_to_image(vlm, batches[0])
     report["grad_norms"] = _grad_norms(vlm, batches[0])
     if probe_rows > 0:
-        probe_set = _question_rows(data, processor.caption_prompt, probe_rows)
+        probe_set = single_image_rows(data, "vqa", limit=probe_rows, caption_prompt=processor.caption_prompt)[0]
         report["probe"] = _probe(vlm, processor, probe_set, min_group, seed)
     return report

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -175,6 +175,41 @@ def read_jsonl(
         except RowError as e:
             e.row = row
             yield e
+
+
+def single_image_rows(
+    path: str | Path,
+    kind: str | None = None,
+    keep: Callable[[Example], str | None] | None = None,
+    limit: int | None = None,
+    caption_prompt: str = "Describe the image.",
+) -> tuple[list[Example], dict[str, int]]:
+    """The first `limit` rows of a JSONL file that have exactly one image (and are of `kind`, e.g. "vqa", if given,
+    and pass `keep`, which returns why a row is left out or None), and how many rows were left out, by reason
+    ("broken", the other kinds, "not_one_image", `keep`'s reasons). For tools that read one image per row: baselines,
+    probes, diagnostics. Raises `VLMError` when no row is left."""
+    rows: list[Example] = []
+    skipped: dict[str, int] = {}
+    for ex in read_jsonl(path, caption_prompt):
+        if limit is not None and len(rows) >= limit:
+            break
+        if isinstance(ex, RowError):
+            why = "broken"
+        elif kind is not None and ex.kind != kind:
+            why = ex.kind
+        elif len(ex.images) != 1:
+            why = "not_one_image"
+        else:
+            why = keep(ex) if keep is not None else None
+        if why is None:
+            rows.append(ex)
+        else:
+            skipped[why] = skipped.get(why, 0) + 1
+    if not rows:
+        counts = ", ".join(f"{n} {why}" for why, n in sorted(skipped.items())) or "empty"
+        what = {"vqa": "question rows", "caption": "caption rows"}.get(kind or "", "rows")
+        raise VLMError(f"no single-image {what} in {path} ({counts})")
+    return rows, dict(sorted(skipped.items()))
 
 
 # ---- Hugging Face datasets ----------------------------------------------------------------------------------------

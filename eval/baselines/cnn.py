@@ -61,25 +61,11 @@ def read_vqa(path: str | Path, limit: int | None = None) -> tuple[list[VQARow], 
 
     Raises `VLMError` when the file has no such row.
     """
-    from vlm.data import RowError, read_jsonl
+    from vlm.data import single_image_rows
 
-    rows: list[VQARow] = []
-    skipped: Counter[str] = Counter()
-    for ex in read_jsonl(path):
-        if limit is not None and len(rows) >= limit:
-            break
-        if isinstance(ex, RowError):
-            skipped["broken"] += 1
-        elif ex.kind != "vqa":
-            skipped[ex.kind] += 1
-        elif len(ex.images) != 1:
-            skipped["not_one_image"] += 1
-        else:
-            rows.append(VQARow(ex.prompt, normalize_answer(ex.messages[-1]["content"]), ex.images[0], ex.row))
-    if not rows:
-        counts = ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items())) or "empty"
-        raise VLMError(f"no single-image question rows in {path} ({counts})")
-    return rows, dict(sorted(skipped.items()))
+    examples, skipped = single_image_rows(path, kind="vqa", limit=limit)
+    rows = [VQARow(ex.prompt, normalize_answer(ex.messages[-1]["content"]), ex.images[0], ex.row) for ex in examples]
+    return rows, skipped
 
 
 def _score(test_rows: list[VQARow], predictions: list[str]) -> dict[str, Any]:

@@ -84,33 +84,18 @@ def read_labelled_images(path: str | Path, label_field: str, limit: int | None =
     A label that is a list (VQA references) counts as its most common entry. Raises `VLMError` for a file with no
     such row; other rows are left out and counted on stderr.
     """
-    from vlm.data import RowError, read_jsonl
+    from vlm.data import single_image_rows
 
-    images: list[Path] = []
-    labels: list[str] = []
-    skipped: Counter[str] = Counter()
-    for ex in read_jsonl(path):
-        if limit is not None and len(images) >= limit:
-            break
-        if isinstance(ex, RowError):
-            skipped["broken"] += 1
-            continue
+    def label(ex) -> str | None:
         value = ex.row.get(label_field)
         if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
             value = Counter(value).most_common(1)[0][0]
-        if len(ex.images) != 1:
-            skipped["not_one_image"] += 1
-        elif not isinstance(value, str) or not value.strip():
-            skipped[f"no_{label_field}"] += 1
-        else:
-            images.append(ex.images[0])
-            labels.append(value.strip())
-    if not images:
-        counts = ", ".join(f"{n} {why}" for why, n in sorted(skipped.items())) or "empty"
-        raise VLMError(f"no single-image rows with a {label_field!r} field in {path} ({counts})")
+        return value.strip() if isinstance(value, str) and value.strip() else None
+
+    rows, skipped = single_image_rows(path, keep=lambda ex: None if label(ex) else f"no_{label_field}", limit=limit)
     if skipped:
-        print(f"vlm: {path}: left out {dict(skipped)}", file=sys.stderr)
-    return images, labels
+        print(f"vlm: {path}: left out {skipped}", file=sys.stderr)
+    return [ex.images[0] for ex in rows], [label(ex) for ex in rows]
 
 
 @torch.no_grad()
