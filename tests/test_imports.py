@@ -150,10 +150,10 @@ def test_the_checks_catch_what_they_guard_against():
 
 
 def test_captioning_imports_no_training_or_metrics_stack():
-    """What `vlm caption` imports (commands, checkpoint loading, generation) pulls in no Lightning, datasets or
-    caption-metric code, measured in a fresh interpreter."""
+    """What `vlm caption` imports (commands, checkpoint loading, generation) and `vlm import-ckpt` (a file
+    conversion) pull in no Lightning, datasets or caption-metric code, measured in a fresh interpreter."""
     code = (
-        "import sys, vlm.commands, vlm.checkpoint, vlm.generation, vlm.inference\n"
+        "import sys, vlm.commands, vlm.checkpoint, vlm.generation, vlm.inference, vlm.training_ckpt\n"
         "print(' '.join(m for m in ('lightning', 'datasets', 'pycocoevalcap', 'vlm.train', 'vlm.eval') "
         "if m in sys.modules))"
     )
