@@ -59,7 +59,8 @@ class VLMForLmmsEval(lmms):
     ) -> None:
         """
         Args:
-            pretrained: A vlm checkpoint folder (default: the shapes model under samples/).
+            pretrained: A vlm checkpoint folder (default: samples/shapes-model/, which knows only the synthetic
+                shapes benchmark).
             device: auto, cpu, cuda or cuda:N.
             dtype: auto, float32, bfloat16 or float16.
             batch_size: Requests per forward pass.

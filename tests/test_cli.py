@@ -323,3 +323,22 @@ def test_script_caption_folder_with_a_bad_image(script_checkpoint, image_folder,
     assert [Path(r["image"]).name for r in rows] == ["a.png", "b.png", "c.png", "d.png"]
     assert [isinstance(r["prediction"], str) for r in rows] == [True, False, True, True]
     assert "error" in rows[1] and all("error" not in rows[i] for i in (0, 2, 3))
+
+
+def test_the_default_model_says_what_it_knows(tmp_path):
+    """Falling back to the default model prints one note naming what it was trained on; --model prints none; its
+    model card and `--help` say it too."""
+    from vlm.checkpoint import DEFAULT_MODEL_DIR
+
+    image = DEFAULT_MODEL_DIR.parent / "images" / "shapes_0.png"
+    result = run_vlm(["caption", str(image), "--max-new-tokens", "3"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "vlm: default model (shapes-model): Trained on the synthetic shapes benchmark only (Sort-of-CLEVR: six "
+        "coloured squares and circles on white); it does not describe photos. Use --model DIR for other images."
+    ]
+    again = run_vlm(["caption", str(image), "--model", str(DEFAULT_MODEL_DIR), "--max-new-tokens", "3"], tmp_path)
+    assert again.returncode == 0 and again.stderr == ""
+    assert "synthetic shapes benchmark only" in (DEFAULT_MODEL_DIR / "README.md").read_text()
+    help_text = run_vlm(["caption", "--help"], tmp_path).stdout
+    assert "knows only the synthetic shapes" in " ".join(help_text.split())

@@ -171,8 +171,14 @@ def test_evaluate_records_results_and_regenerates_the_card(
     questions.write_text("".join((data_dir / "test.jsonl").read_text().splitlines(keepends=True)[:4]))
     gen = GenerationOptions(max_new_tokens=2)
 
-    evaluate(model=str(folder), data=str(questions), output=str(tmp_path / "q.json"), gen=gen)
-    evaluate(model=str(folder), data=str(data_dir / "test_captions.jsonl"), output=str(tmp_path / "c.json"), gen=gen)
+    evaluate(model=str(folder), data=str(questions), output=str(tmp_path / "q.json"), gen=gen, update_card=True)
+    evaluate(
+        model=str(folder),
+        data=str(data_dir / "test_captions.jsonl"),
+        output=str(tmp_path / "c.json"),
+        gen=gen,
+        update_card=True,
+    )
     q_report = json.loads((tmp_path / "q.json").read_text())
     c_report = json.loads((tmp_path / "c.json").read_text())
 
@@ -194,7 +200,7 @@ def test_evaluate_records_results_and_regenerates_the_card(
 
     # A --limit run is partial: it leaves the recorded results and the card alone.
     before = card
-    evaluate(model=str(folder), data=str(questions), limit=1, gen=gen)
+    evaluate(model=str(folder), data=str(questions), limit=1, gen=gen, update_card=True)
     assert (folder / "README.md").read_text() == before
 
     # New weights in the same folder: the old numbers are not this model's any more.
@@ -204,3 +210,17 @@ def test_evaluate_records_results_and_regenerates_the_card(
     card = write_model_card(folder).read_text()
     assert "No `vlm eval` results for these weights yet" in card and _overall_line(q_report) not in card
     assert "2 earlier result(s)" in card
+
+
+def test_the_card_opens_with_what_the_model_knows(tmp_path):
+    """A config's description is the card's first line after the title."""
+    from vlm.checkpoint import build, save_checkpoint
+    from vlm.config import VLMConfig
+    from vlm.model_card import render_model_card
+
+    config = VLMConfig.from_name("tiny")
+    config.description = "Knows only the colours of squares."
+    model, processor = build(config, pretrained=False)
+    save_checkpoint(model, tmp_path / "m", processor)
+    lines = render_model_card(tmp_path / "m").splitlines()
+    assert lines[lines.index("# m") + 2] == "Knows only the colours of squares."

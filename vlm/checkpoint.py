@@ -7,6 +7,7 @@ everything goes to a temporary sibling folder that replaces the target in one re
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import torch
@@ -112,4 +113,13 @@ def open_model(model: str | None = None, device: str = "auto", dtype: str = "aut
             exit_code=1,
         )
     dev = resolve_device(device)
-    return load(path, dev, resolve_dtype(dtype, dev))
+    net, processor = load(path, dev, resolve_dtype(dtype, dev))
+    if model is None:
+        print(f"vlm: {default_model_note(net.config)}", file=sys.stderr)
+    return net, processor
+
+
+def default_model_note(config: VLMConfig) -> str:
+    """The line a command prints when it falls back to the default model: what that model knows."""
+    knows = (config.description or "see its model card").rstrip(". ")
+    return f"default model ({DEFAULT_MODEL_DIR.name}): {knows}. Use --model DIR for other images."

@@ -62,7 +62,8 @@ def caption(
 
     Args:
         inputs: Image files, folders and/or JSONL files (image paths relative to the JSONL file).
-        model: A vlm checkpoint folder (default: the shapes model under samples/).
+        model: A vlm checkpoint folder (default: samples/shapes-model/, which knows only the synthetic
+            shapes benchmark).
         output: Write JSONL here: each input row (or {"image": path}) plus "prediction", in input order.
         batch_size: Images per forward pass.
         device: Where to run: auto (CUDA when available), cpu or cuda.
@@ -96,7 +97,8 @@ def ask(
         image: The image file (with QUESTION).
         question: The question about IMAGE.
         input: A JSONL file of rows {"image": path relative to the file, "question": ...} instead.
-        model: A vlm checkpoint folder (default: the shapes model under samples/).
+        model: A vlm checkpoint folder (default: samples/shapes-model/, which knows only the synthetic
+            shapes benchmark).
         output: Write JSONL here: each input row plus "prediction", in input order.
         batch_size: Questions per forward pass.
         device: Where to run: auto (CUDA when available), cpu or cuda.
@@ -137,7 +139,8 @@ def chat(
 
     Args:
         image: The image to talk about.
-        model: A vlm checkpoint folder (default: the shapes model under samples/).
+        model: A vlm checkpoint folder (default: samples/shapes-model/, which knows only the synthetic
+            shapes benchmark).
         device: Where to run: auto (CUDA when available), cpu or cuda.
         dtype: Weights' precision: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.
         gen: Generation options.

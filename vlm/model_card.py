@@ -372,6 +372,7 @@ def render_model_card(model_dir: str | Path, digest: str | None = None) -> str:
         "",
         f"# {name}",
         "",
+        *([config["description"], ""] if config.get("description") else []),
         "A vision-language model of the vlm toolkit: a timm image encoder, a projector into the decoder's embedding "
         "space, and a transformers causal language model that reads the image tokens in place of each `<image>`.",
         "",
