@@ -90,6 +90,13 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def lora_settings(lora: bool | LoraSettings | None) -> LoraSettings | None:
+    """`model.lora` as given (true, false, unset or the settings) -> the settings, or None for no adapters."""
+    if lora is True:
+        return LoraSettings()
+    return lora or None
+
+
 class VLMModule(LightningModule):
     """Trains a vision-language model.
 
@@ -114,7 +121,8 @@ class VLMModule(LightningModule):
         min_lr_ratio: The cosine schedule ends at this fraction of each peak learning rate.
         gradient_checkpointing: Recompute activations in the backward pass (decoder, and the encoder when trained):
             less memory, about a third more compute.
-        lora: Train LoRA adapters on the decoder instead of its weights.
+        lora: Train LoRA adapters on the decoder instead of its weights: `true` for the defaults (r 16, alpha 32,
+            dropout 0.05, all-linear), or the settings (`--model.lora.r 8`, ...; see `vlm.lora.LoraSettings`).
         max_new_tokens: Longest generated answer for validation accuracy.
     """
 
@@ -138,7 +146,7 @@ class VLMModule(LightningModule):
         warmup: float = 0.03,
         min_lr_ratio: float = 0.1,
         gradient_checkpointing: bool = False,
-        lora: LoraSettings | None = None,
+        lora: bool | LoraSettings | None = None,
         max_new_tokens: int = 16,
     ):
         super().__init__()
@@ -146,7 +154,7 @@ class VLMModule(LightningModule):
         if any(lr < 0 for lr in self.lrs.values()):
             raise VLMError("learning rates must be >= 0 (0 freezes a part)")
         self.weight_decay, self.betas, self.warmup, self.min_lr_ratio = weight_decay, tuple(betas), warmup, min_lr_ratio
-        self.lora, self.max_new_tokens = lora, max_new_tokens
+        self.lora, self.max_new_tokens = lora_settings(lora), max_new_tokens
         # Where the weights started, for the training record (a full VLMConfig has no name: see config.json).
         name = None if init_from is not None else config if isinstance(config, str) else "custom"
         self._origin = {"config": name, "init_from": init_from, "pretrained": pretrained}
@@ -163,10 +171,10 @@ class VLMModule(LightningModule):
         for part, lr in self.lrs.items():
             if lr == 0:  # frozen: no gradients, and eval mode (Lightning keeps it), so a frozen CNN's batch norms use
                 getattr(self.vlm, part).requires_grad_(False).eval()  # and keep their saved statistics
-        if lora is not None:
+        if self.lora is not None:
             if lr_decoder == 0:
                 raise VLMError("model.lora trains decoder adapters: set model.lr_decoder > 0")
-            self.vlm.decoder = add_lora(self.vlm.decoder, lora)
+            self.vlm.decoder = add_lora(self.vlm.decoder, self.lora)
         # The KV cache is for generation; training forwards must not build one.
         self.vlm.decoder.config.use_cache = False
         if gradient_checkpointing:
