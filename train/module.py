@@ -225,7 +225,14 @@ class VLMModule(LightningModule):
 
     def training_record(self) -> dict[str, Any]:
         """The facts of this run up to now: where the model started, the data and its row counts, learning rates,
-        steps, batch size, hardware, wall time, the last losses, software versions (see `vlm.model_card`)."""
+        steps, batch size, hardware, wall time, the last losses, software versions (see `vlm.model_card`).
+
+        How far training went, in one unit each: `steps`, the optimizer steps taken; `epochs_seen`, the passes over
+        the training rows they make (steps x accumulate_grad_batches / batches per epoch per device, e.g. 0.379);
+        `epochs_completed`, the whole passes among them (its integer part). Both are None for streamed data, whose
+        epoch length is unknown. (Lightning's own `current_epoch` is not recorded: a run stopped by `max_steps`
+        mid-epoch counts that epoch as finished.)
+        """
         import datetime
 
         import lightning
@@ -256,8 +263,8 @@ class VLMModule(LightningModule):
             record.update(
                 data=datamodule.describe() if hasattr(datamodule, "describe") else "unknown (not a VLMDataModule)",
                 steps=trainer.global_step,
-                epoch=trainer.current_epoch,
                 epochs_seen=round(passes, 3) if passes is not None else None,
+                epochs_completed=math.floor(passes) if passes is not None else None,
                 batch_size=batch,
                 accumulate_grad_batches=accumulate,
                 global_batch_size=batch * accumulate * trainer.world_size if batch else None,
