@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning
@@ -239,3 +242,25 @@ def test_fit_prints_the_run_only_and_counts_steps(tmp_path, small_data):
         2.0,
         2,
     ) and "epoch" not in record
+
+
+def test_a_run_clears_the_temporary_files_of_killed_writes(tmp_path, small_data):
+    """Temporary files of atomic writes whose writer died are deleted when the next run starts in the folder; those
+    of a live writer, and other files, are left alone."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = os.getppid()  # a running process other than this one (whose own writes reuse its temporary names)
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    planted = {
+        checkpoints / f".epoch=0-step=4.ckpt.{dead.pid}.partial": False,
+        checkpoints / f".last.ckpt.{dead.pid}.partial": False,
+        tmp_path / f".config.yaml.{dead.pid}.partial": False,
+        checkpoints / f".last.ckpt.{live}.partial": True,  # still being written
+        checkpoints / "notes.partial": True,  # not an atomic write's
+    }
+    for path in planted:
+        path.write_bytes(b"half a checkpoint")
+    main(["fit", *run_args(tmp_path, small_data), "--trainer.max_steps=2"])
+    assert {path: path.exists() for path in planted} == planted
+    assert (checkpoints / "last.ckpt").is_file()

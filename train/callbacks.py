@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 from vlm.train.data import bad_rows_report, check_bad_fraction
 
-from vlm.files import atomic_file
+from vlm.files import atomic_file, remove_interrupted_writes
 
 
 class DataHealth(Callback):
@@ -61,6 +61,20 @@ class DataHealth(Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         self._report(trainer, pl_module, "val")
+
+
+class InterruptedWrites(Callback):
+    """At the start of a fit, deletes what writes cut short by a killed run left in the run folder and the checkpoint
+    folders: `atomic_file`'s temporary files (`.NAME.PID.partial`) whose writer is no longer running."""
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        folders = {Path(trainer.default_root_dir)}
+        folders |= {Path(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
+        for folder in sorted(folders):
+            for path in remove_interrupted_writes(folder):
+                rank_zero_info(f"removed {path}, left by an interrupted write")
 
 
 class RunArtifacts(Callback):

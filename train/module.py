@@ -396,7 +396,7 @@ class VLMModule(LightningModule):
     # ---- always-on callbacks ----
 
     def configure_callbacks(self) -> list[Callback]:
-        from vlm.train.callbacks import DataHealth, RunArtifacts
+        from vlm.train.callbacks import DataHealth, InterruptedWrites, RunArtifacts
 
         # Lightning's ThroughputMonitor counts each batch's samples (a packed row holds several) and, as its items,
         # real tokens (padding excluded); it logs train/device/items_per_sec (tokens/s of one device) and, on several
@@ -405,4 +405,4 @@ class VLMModule(LightningModule):
         throughput = ThroughputMonitor(
             batch_size_fn=itemgetter("num_samples"), length_fn=itemgetter("num_tokens"), window_size=THROUGHPUT_WINDOW
         )
-        return [DataHealth(), throughput, RunArtifacts()]
+        return [InterruptedWrites(), DataHealth(), throughput, RunArtifacts()]
