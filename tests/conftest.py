@@ -201,9 +201,16 @@ def training_batch(processor, images: list[Image.Image]) -> dict:
     return batch
 
 
+def vlm_command() -> list[str]:
+    """The `vlm` console script of this Python's environment (else the one on PATH, else `python -m vlm.cli`): a
+    virtual environment's script is found even when its bin/ folder is not on PATH."""
+    script = shutil.which("vlm", path=str(Path(sys.executable).parent)) or shutil.which("vlm")
+    return [script] if script else [sys.executable, "-m", "vlm.cli"]
+
+
 def run_vlm(args: list, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Runs the installed `vlm` console script (or `python -m vlm.cli` where it is not on PATH) in a subprocess."""
-    script = shutil.which("vlm")
-    command = [script] if script else [sys.executable, "-m", "vlm.cli"]
+    """Runs the installed `vlm` console script (see `vlm_command`) in a subprocess."""
     env = {k: v for k, v in os.environ.items() if k != "VLM_DEBUG"}
-    return subprocess.run([*command, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [*vlm_command(), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_same_weights, run_vlm
+from conftest import assert_same_weights, run_vlm, vlm_command
 
 from vlm.checkpoint import load, load_model
 from vlm.cli import main
@@ -342,3 +343,68 @@ def test_the_default_model_says_what_it_knows(tmp_path):
     assert "synthetic shapes benchmark only" in (DEFAULT_MODEL_DIR / "README.md").read_text()
     help_text = run_vlm(["caption", "--help"], tmp_path).stdout
     assert "knows only the synthetic shapes" in " ".join(help_text.split())
+
+
+def test_chat_in_a_terminal(varied_checkpoint, image_folder):
+    """In a terminal, chat says what it loads, shows a banner, edits lines with readline and runs its commands."""
+    pexpect = pytest.importorskip("pexpect")
+    command = vlm_command()
+    args = ["chat", str(image_folder / "a.png"), "--model", str(varied_checkpoint), "--verbose", "--max-new-tokens", N]
+    env = {k: v for k, v in os.environ.items() if k != "VLM_DEBUG"}
+    env.update(TERM="xterm", INPUTRC=os.devnull)  # the standard key bindings, whatever the user's ~/.inputrc says
+    child = pexpect.spawn(command[0], [*command[1:], *args], env=env, encoding="utf-8", timeout=120)
+    try:
+        child.expect(f"loading {varied_checkpoint}\\.\\.\\.")
+        child.expect(f"vlm chat: model {varied_checkpoint}, image {image_folder / 'a.png'}")
+        child.expect("you> ")
+        child.sendline("/help")
+        for name in ("/help", "/reset", "/image PATH", "/exit"):
+            child.expect_exact(name)
+        child.expect("you> ")
+        child.send("abc\x1b[DX\r")  # type abc, arrow left, X, Enter: readline inserts X before the c
+        child.expect_exact('turn 1, question sent: "abXc"')
+        child.expect("you> ")
+        child.sendline("second")
+        child.expect_exact('turn 2, question sent: "second"')
+        child.expect("you> ")
+        child.sendline("/reset")
+        child.expect("conversation forgotten")
+        child.expect("you> ")
+        child.sendline("after reset")
+        child.expect_exact('turn 1, question sent: "after reset"')
+        child.expect("you> ")
+        child.sendline("/image nope.png")
+        child.expect_exact("vlm: error: image not found: nope.png")
+        child.expect("you> ")
+        child.sendline("/frobnicate")
+        child.expect_exact("vlm: error: unknown command /frobnicate")
+        child.expect("you> ")
+        child.sendline("third")
+        child.expect_exact('turn 2, question sent: "third"')  # a failed /image keeps the image and the conversation
+        child.expect("you> ")
+        child.sendline(f"/image {image_folder / 'c.png'}")
+        child.expect_exact(f"now talking about {image_folder / 'c.png'}")
+        child.expect("you> ")
+        child.sendline("fourth")
+        child.expect_exact('turn 1, question sent: "fourth"')
+        child.expect("you> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0 and "Traceback" not in child.before
+
+
+def test_chat_ends_at_ctrl_d(varied_checkpoint, image_folder):
+    pexpect = pytest.importorskip("pexpect")
+    command = vlm_command()
+    args = ["chat", str(image_folder / "a.png"), "--model", str(varied_checkpoint)]
+    env = {k: v for k, v in os.environ.items() if k != "VLM_DEBUG"}
+    child = pexpect.spawn(command[0], [*command[1:], *args], env=env, encoding="utf-8", timeout=120)
+    try:
+        child.expect("you> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0

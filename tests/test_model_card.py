@@ -93,8 +93,8 @@ def test_vlm_training_records_are_summarized(built, tmp_path: Path) -> None:
             "columns": None,
         },
         "steps": 1500,
-        "epoch": 2,
         "epochs_seen": 2.5,
+        "epochs_completed": 2,
         "batch_size": 16,
         "accumulate_grad_batches": 2,
         "global_batch_size": 128,
@@ -136,8 +136,8 @@ def test_vlm_training_records_are_summarized(built, tmp_path: Path) -> None:
     old = {"format_version": 1, "written_by": "vlm export of last.ckpt", "date": "2030-01-01T00:00:00+00:00",
            "exported_at": "2030-02-01T00:00:00+00:00",
            "model": {"lora": None}, "learning_rates": {"projector": 0.001},
-           "data": "unknown: this checkpoint does not record the data it was trained on", "steps": 40, "epoch": 1,
-           "versions": {"lightning": "2.6.6"}}  # fmt: skip
+           "data": "unknown: this checkpoint does not record the data it was trained on", "steps": 40,
+           "epochs_completed": 1, "versions": {"lightning": "2.6.6"}}  # fmt: skip
     (folder / "training.json").write_text(json.dumps(old))
     card = write_model_card(folder).read_text()
     assert (
@@ -145,7 +145,9 @@ def test_vlm_training_records_are_summarized(built, tmp_path: Path) -> None:
         "2030-01-01T00:00:00+00:00; the full record is `training.json`." in card
     )
     assert "- **Data**: unknown: this checkpoint does not record the data it was trained on." in card
-    assert "- **Steps**: 40 optimizer steps (Lightning epoch 1)." in card and "**Start**" not in card
+    assert (
+        "- **Steps**: 40 optimizer steps (whole passes over the training rows: 1)." in card and "**Start**" not in card
+    )
     assert "**Final losses**" not in card and "**Hardware**" not in card
 
 

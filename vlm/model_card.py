@@ -269,8 +269,8 @@ def _training_summary(r: dict[str, Any]) -> list[str]:
         steps = f"{r['steps']:,} optimizer steps"
         if r.get("epochs_seen") is not None:
             steps += f" ({r['epochs_seen']} passes over the training rows)"
-        elif r.get("epoch") is not None:
-            steps += f" (Lightning epoch {r['epoch']})"
+        elif r.get("epochs_completed") is not None:
+            steps += f" (whole passes over the training rows: {r['epochs_completed']})"
         if r.get("global_batch_size"):
             world = (r.get("devices") or 1) * (r.get("num_nodes") or 1)
             steps += (
