@@ -195,7 +195,7 @@ def training_batch(processor, images: list[Image.Image]) -> dict:
         ),
         ([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}], 0),
     ]
-    encoded = [processor.encode(messages, n) for messages, n in conversations]
+    encoded = [processor.encode(messages, n, placeholders=True) for messages, n in conversations]
     batch = processor.pad([ids for ids, _ in encoded], "right", [labels for _, labels in encoded])
     batch["pixel_values"] = processor.transform(images[:3])
     return batch
