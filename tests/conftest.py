@@ -201,9 +201,12 @@ def training_batch(processor, images: list[Image.Image]) -> dict:
     return batch
 
 
-def run_vlm(args: list, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Runs the installed `vlm` console script (or `python -m vlm.cli` where it is not on PATH) in a subprocess."""
+def run_vlm(args: list, cwd: Path | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """Runs the installed `vlm` console script (or `python -m vlm.cli` where it is not on PATH) in a subprocess, with
+    `stdin` as its input if given."""
     script = shutil.which("vlm")
     command = [script] if script else [sys.executable, "-m", "vlm.cli"]
     env = {k: v for k, v in os.environ.items() if k != "VLM_DEBUG"}
-    return subprocess.run([*command, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [*command, *map(str, args)], cwd=cwd, env=env, input=stdin, capture_output=True, text=True, timeout=300
+    )
