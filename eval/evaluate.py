@@ -105,7 +105,8 @@ def _dataset_data(spec: str, split: str, columns: dict[str, str], caption_prompt
         row = _jsonable(ex.row)
         if not all(isinstance(x, Path) for x in images):
             row.pop("image", None)  # the stand-in names of in-memory images mean nothing outside this run
-        items.append(Item(row, [], ex.prompt, source=lambda images=images: load_row_images(images)))
+        source = lambda images=images: load_row_images(images)  # noqa: E731 -- decoded when its batch runs
+        items.append(Item(row, [], ex.prompt, source=source, placeholders=ex.placeholders))
         scorable.append(True)
     name = data_name(Path(spec)) if Path(spec).exists() else spec
     return _Data(items, scorable, where, name if Path(spec).is_file() else f"{name}[{split}]")

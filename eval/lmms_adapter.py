@@ -156,7 +156,7 @@ class VLMForLmmsEval(lmms):
             pics = self._images(doc_to_visual, doc)
             # encode, not prompt: lmms-eval may ask about an empty context (unconditional likelihoods).
             ctx, _ = processor.encode([{"role": "user", "content": context}], len(pics), add_generation_prompt=True)
-            cont = processor.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            cont = processor.text_ids(continuation)
             if processor.max_length is not None and len(ctx) + len(cont) > processor.max_length:
                 raise VLMError(
                     f"{task} doc {doc_id}: context and continuation are {len(ctx) + len(cont)} tokens, more than "

@@ -195,7 +195,7 @@ def training_batch(processor, images: list[Image.Image]) -> dict:
         ),
         ([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}], 0),
     ]
-    encoded = [processor.encode(messages, n) for messages, n in conversations]
+    encoded = [processor.encode(messages, n, placeholders=True) for messages, n in conversations]
     batch = processor.pad([ids for ids, _ in encoded], "right", [labels for _, labels in encoded])
     batch["pixel_values"] = processor.transform(images[:3])
     return batch
@@ -208,9 +208,10 @@ def vlm_command() -> list[str]:
     return [script] if script else [sys.executable, "-m", "vlm.cli"]
 
 
-def run_vlm(args: list, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Runs the installed `vlm` console script (see `vlm_command`) in a subprocess."""
+def run_vlm(args: list, cwd: Path | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """Runs the installed `vlm` console script (see `vlm_command`) in a subprocess, with `stdin` as its input if
+    given."""
     env = {k: v for k, v in os.environ.items() if k != "VLM_DEBUG"}
     return subprocess.run(
-        [*vlm_command(), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [*vlm_command(), *map(str, args)], cwd=cwd, env=env, input=stdin, capture_output=True, text=True, timeout=300
     )

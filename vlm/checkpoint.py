@@ -16,6 +16,7 @@ from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
 from vlm.config import CONFIG_FILE, WEIGHTS_FILE, VLMConfig
+from vlm.decoder import refuse_remote_code
 from vlm.errors import VLMError
 from vlm.files import atomic_folder
 from vlm.model import VisionLanguageModel
@@ -49,6 +50,7 @@ def _load(path: str | Path) -> tuple[VisionLanguageModel, Processor]:
     path = Path(path)
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise VLMError(f"not a vlm checkpoint folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}): {path}")
+    refuse_remote_code(path)
     config = VLMConfig.load(path / CONFIG_FILE)
     # A model saved without its processor takes the tokenizer its config names.
     processor = Processor.from_pretrained(path) if (path / PROCESSOR_FILE).is_file() else None
