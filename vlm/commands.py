@@ -65,7 +65,7 @@ def caption(
         model: A vlm checkpoint folder (default: the shapes model under samples/).
         output: Write JSONL here: each input row (or {"image": path}) plus "prediction", in input order.
         batch_size: Images per forward pass.
-        device: Where to run: auto (CUDA when available), cpu or cuda.
+        device: Where to run: auto (CUDA when available), cpu, cuda or cuda:N (the GPU numbered N).
         dtype: Weights' precision: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.
         json: Print one JSON object per result instead of plain text.
         gen: Generation options.
@@ -99,7 +99,7 @@ def ask(
         model: A vlm checkpoint folder (default: the shapes model under samples/).
         output: Write JSONL here: each input row plus "prediction", in input order.
         batch_size: Questions per forward pass.
-        device: Where to run: auto (CUDA when available), cpu or cuda.
+        device: Where to run: auto (CUDA when available), cpu, cuda or cuda:N (the GPU numbered N).
         dtype: Weights' precision: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.
         json: Print one JSON object per result instead of plain text.
         gen: Generation options.
@@ -138,7 +138,7 @@ def chat(
     Args:
         image: The image to talk about.
         model: A vlm checkpoint folder (default: the shapes model under samples/).
-        device: Where to run: auto (CUDA when available), cpu or cuda.
+        device: Where to run: auto (CUDA when available), cpu, cuda or cuda:N (the GPU numbered N).
         dtype: Weights' precision: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.
         gen: Generation options.
     """
