@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from vlm.config import DecoderConfig
 from vlm.errors import VLMError
-from vlm.files import atomic_folder
+from vlm.files import atomic_folder, read_json
 
 PACKAGE_PREFIX = "package:"
 
@@ -98,9 +98,14 @@ def resolve_source(source: str) -> str:
 
 def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
     """A tokenizer from a local folder, a GGUF file, a `package:` path or a hub id."""
+    folder = resolve_source(source)
     try:
-        return AutoTokenizer.from_pretrained(resolve_source(source))
+        return AutoTokenizer.from_pretrained(folder)
     except OSError as e:
+        raise VLMError(f"cannot load a tokenizer from {source!r}: {str(e).splitlines()[0]}") from e
+    except ValueError as e:  # a file that is not UTF-8 or not JSON: name it where the folder is local
+        for path in sorted(Path(folder).glob("*.json")):
+            read_json(path)
         raise VLMError(f"cannot load a tokenizer from {source!r}: {str(e).splitlines()[0]}") from e
 
 
