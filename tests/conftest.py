@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -202,8 +201,9 @@ def training_batch(processor, images: list[Image.Image]) -> dict:
 
 
 def run_vlm(args: list, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Runs the installed `vlm` console script (or `python -m vlm.cli` where it is not on PATH) in a subprocess."""
-    script = shutil.which("vlm")
-    command = [script] if script else [sys.executable, "-m", "vlm.cli"]
+    """Runs the `vlm` console script of this Python's environment (or `python -m vlm.cli` where it has none) in a
+    subprocess: a `vlm` found on PATH may belong to another environment or checkout."""
+    script = Path(sys.executable).with_name("vlm")
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "vlm.cli"]
     env = {k: v for k, v in os.environ.items() if k != "VLM_DEBUG"}
     return subprocess.run([*command, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
