@@ -520,7 +520,7 @@ def bench(
         steps: Timed training steps (generation and data: at most 5 repeats; `vlm caption` runs: at most 3).
         warmup: Untimed training steps first (generation: one untimed call per batch size).
         rounds: Rounds of measuring both models in turn; figures are medians over rounds.
-        device: Where to run: auto (CUDA when available), cpu or cuda.
+        device: Where to run: auto (CUDA when available), cpu, cuda or cuda:N (the GPU numbered N).
         dtype: Weights' precision: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16.
         pack_tokens: Longest packed row of the packing comparison (as data.pack_tokens in training); default:
             twice the mix's longest sample.

@@ -285,7 +285,7 @@ def evaluate(
         predictions: Score this JSONL file of predictions (one row with a "prediction" per data row, in data order,
             e.g. another system's outputs) instead of running a model.
         batch_size: Rows per forward pass.
-        device: Where to run: auto (CUDA when available), cpu or cuda.
+        device: Where to run: auto (CUDA when available), cpu, cuda or cuda:N (the GPU numbered N).
         dtype: Weights' precision: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.
         limit: Evaluate only the first LIMIT rows (a quick check; such runs do not update the model card).
         split: The split of a dataset to evaluate.

@@ -195,10 +195,14 @@ def test_open_model_default_and_devices(monkeypatch, tmp_path):
     with pytest.raises(VLMError, match="unknown dtype"):
         resolve_dtype("float8", torch.device("cpu"))
     if not torch.cuda.is_available():
-        with pytest.raises(VLMError, match="no CUDA GPU"):
+        with pytest.raises(VLMError, match="no CUDA GPU found"):
             resolve_device("cuda")
-    with pytest.raises(VLMError, match="unknown device"):
-        resolve_device("tpu")
+    gpus = torch.cuda.device_count()
+    if gpus:
+        assert resolve_device(f"cuda:{gpus - 1}") == torch.device(f"cuda:{gpus - 1}")
+    for name in ("tpu", f"cuda:{gpus}"):
+        with pytest.raises(VLMError, match=f"device must be auto or a device of this machine .cpu.*got '{name}'"):
+            resolve_device(name)
 
 
 def test_config_round_trip_and_presets(tmp_path):

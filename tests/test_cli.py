@@ -293,15 +293,10 @@ def test_bad_arguments(capsys, varied_checkpoint, image_folder, bad_inputs, temp
     assert_one_line_error(code, err, *words)
 
 
-@pytest.mark.parametrize(
-    "args",
-    [["caption", "{img}", "--bogus", "3"], ["caption", "{img}", "--max-new-tokens", "many"], ["caption"], []],
-)
-def test_unparsable_command_lines(capsys, image_folder, args):
-    code, out, err = run(capsys, *(a.format(img=image_folder / "a.png") for a in args))
-    assert code == 2
-    assert "Traceback" not in err + out
-    assert "usage: vlm" in err + out
+def test_bare_vlm_prints_the_usage(capsys):
+    code, out, err = run(capsys)
+    assert (code, err) == (2, "")
+    assert out.startswith("usage: vlm COMMAND") and "data shapes" in out
 
 
 def test_help(capsys):
@@ -428,3 +423,136 @@ def test_chat_ends_at_ctrl_d(varied_checkpoint, image_folder):
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def assert_script_error(result, *words: str) -> None:
+    """A console-script run that ended in exit code 2 and exactly one line on stderr, `vlm: error: ...` with `words`."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vlm: error: "), result.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+OPTION_ERRORS = [
+    (["--max_new_tokens", "abc"], ["--max_new_tokens must be an integer of at least 1", "'abc'"]),
+    (["--max-new-tokens", "0"], ["--max_new_tokens must be an integer of at least 1", "got 0"]),
+    (["--temperature", "nan"], ["--temperature must be a finite number, 0 (greedy) or above", "'nan'"]),
+    (["--temperature", ".nan"], ["--temperature must be a finite number, 0 (greedy) or above", "got nan"]),
+    (["--top_p", "nan"], ["--top_p must be a number above 0 and at most 1", "'nan'"]),
+    (["--top_p", "1e999"], ["--top_p must be a number above 0 and at most 1", "got inf"]),
+    (["--repetition_penalty", "inf"], ["--repetition_penalty must be a finite number above 0", "'inf'"]),
+    (["--repetition_penalty", ".inf"], ["--repetition_penalty must be a finite number above 0", "got inf"]),
+    (["--device", "cuda:7"], ["--device must be auto or a device of this machine (cpu", "'cuda:7'"]),
+    (["--dtype", "float64"], ["--dtype must be one of auto, float32, bfloat16, float16", "'float64'"]),
+    (["--temprature", "0.5"], ["unknown option --temprature for vlm caption; did you mean --temperature?"]),
+    (["--bogus", "1"], ["unknown option --bogus for vlm caption; the options are --json,", "--max_new_tokens"]),
+    (["--model"], ["--model needs a value"]),
+]
+
+
+@pytest.mark.parametrize(("extra", "words"), OPTION_ERRORS, ids=[" ".join(a) for a, _ in OPTION_ERRORS])
+def test_option_errors_are_one_line(script_checkpoint, image_folder, extra, words):
+    result = run_vlm(["caption", image_folder / "a.png", "--model", script_checkpoint, *extra])
+    assert_script_error(result, *words)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["caption"], ["vlm caption needs INPUTS: Image files, folders and/or JSONL files"]),
+        (["data", "shapes"], ["vlm data shapes needs --out: Output folder"]),
+        (["baselines", "--train", "t.jsonl"], ["vlm baselines needs --test: The test set"]),
+        (["chat", "a.png", "b.png"], ["unexpected argument 'b.png' for vlm chat"]),
+        (["data", "frob"], ["unknown command 'data frob'; the data commands are data shapes,", "data objects"]),
+    ],
+)
+def test_missing_and_unexpected_arguments_are_one_line(tmp_path, args, words):
+    assert_script_error(run_vlm(args, tmp_path), *words)
+
+
+# Arguments every command with a --seed needs besides it, so that the run gets as far as checking the seed.
+SEEDED_COMMANDS = {
+    "caption": ["{img}", "--model", "{ckpt}"],
+    "ask": ["{img}", "What?", "--model", "{ckpt}"],
+    "chat": ["{img}", "--model", "{ckpt}"],
+    "eval": ["--data", "q.jsonl", "--model", "{ckpt}"],
+    "init": ["new"],
+    "data shapes": ["--out", "out"],
+    "data objects": ["--out", "out"],
+    "data fashion-mnist": ["--out", "out"],
+    "diagnose": ["--model", "{ckpt}", "--data", "q.jsonl"],
+    "shapes-report": ["p.jsonl"],
+    "baselines": ["--train", "t.jsonl", "--test", "q.jsonl"],
+    "probe": ["--train", "t.jsonl", "--test", "q.jsonl"],
+}
+
+
+def test_the_seed_test_covers_every_command_with_a_seed():
+    from vlm.cli import COMMANDS, LIGHTNING_COMMANDS, _load, build_parser
+
+    seeded = set()
+    for name, (target, _) in COMMANDS.items():
+        if name not in LIGHTNING_COMMANDS and "--seed" in build_parser(name, _load(target))[0].format_usage():
+            seeded.add(name)
+    assert seeded == set(SEEDED_COMMANDS)
+
+
+@pytest.mark.parametrize("seed", [str(2**70), "-1"])
+@pytest.mark.parametrize("command", list(SEEDED_COMMANDS))
+def test_seeds_beyond_64_bits_are_refused(script_checkpoint, image_folder, tmp_path, command, seed):
+    values = {"img": image_folder / "a.png", "ckpt": script_checkpoint}
+    args = [a.format(**values) for a in SEEDED_COMMANDS[command]]
+    result = run_vlm([*command.split(), *args, "--seed", seed], tmp_path)
+    assert_script_error(result, f"--seed must be an integer from 0 to {2**64 - 1}, got {seed}")
+    assert not (tmp_path / "new").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("args", "code"), [(["data"], 2), (["data", "--help"], 0), (["data", "-h"], 0)])
+def test_vlm_data_lists_the_generators(args, code):
+    result = run_vlm(args)
+    assert (result.returncode, result.stderr) == (code, "")
+    listed = result.stdout.splitlines()
+    from vlm.cli import COMMANDS
+
+    for name in ("data shapes", "data objects", "data fashion-mnist"):
+        assert f"  {name:<18}  {COMMANDS[name][1]}" in listed
+    assert not any(line.lstrip().startswith(("caption", "init")) for line in listed)
+
+
+@pytest.mark.parametrize("name", ["config.json", "processor_config.json", "tokenizer_config.json", "tokenizer.json"])
+@pytest.mark.parametrize("content", [b'{"name": "caf\xe9"}', b"{not json"], ids=["latin-1", "not-json"])
+def test_unreadable_checkpoint_files_are_named(script_checkpoint, image_folder, tmp_path, name, content):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(script_checkpoint, folder)
+    (folder / name).write_bytes(content)
+    result = run_vlm(["caption", image_folder / "a.png", "--model", folder])
+    words = ["is not UTF-8 text (byte 0xe9"] if b"\xe9" in content else ["bad JSON in"]
+    assert_script_error(result, str(folder / name), *words)
+
+
+def training_checkpoint(folder: Path, path: Path) -> Path:
+    """A training checkpoint (.ckpt) as `vlm fit` writes one, of the model in a checkpoint folder, at step 7."""
+    import torch
+
+    model, processor = load(folder)
+    meta = {"config": model.config.to_dict(), "lora": None, "processor_files": processor.to_tensors()}
+    state = {f"vlm.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"vlm": {**meta, "training": {"format_version": 1}}, "state_dict": state, "global_step": 7}, path)
+    return path
+
+
+def test_import_and_export_commands_say_what_they_wrote(script_checkpoint, tmp_path):
+    ckpt = training_checkpoint(script_checkpoint, tmp_path / "last.ckpt")
+    runs = [
+        (["export-hf", script_checkpoint, "hf"], "wrote a transformers LLaVA folder to hf: it loads with no missing"),
+        (["import-hf", "hf", "back"], "wrote a vlm checkpoint of LLaVA model hf (0.26M parameters) to back"),
+        (["import-ckpt", ckpt, "from-ckpt"], f"wrote a vlm checkpoint of {ckpt} (training step 7) to from-ckpt"),
+    ]
+    for args, line in runs:
+        result = run_vlm(args, tmp_path)
+        assert (result.returncode, result.stdout) == (0, ""), result.stderr
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(line), result.stderr
+    for folder in ("back", "from-ckpt"):
+        assert_same_weights(load_model(tmp_path / folder), load_model(script_checkpoint))

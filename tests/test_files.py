@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from vlm.files import atomic_file, atomic_folder, write_json, write_jsonl, write_text
+from vlm.errors import VLMError
+from vlm.files import atomic_file, atomic_folder, read_json, write_json, write_jsonl, write_text
 
 
 class Boom(Exception):
@@ -82,3 +83,18 @@ def test_free_folder_refuses_a_folder_with_files_in_it(tmp_path):
     (tmp_path / "full" / "x").write_text("")
     with pytest.raises(VLMError, match="already exists and is not empty"):
         free_folder(tmp_path / "full")
+
+
+def test_read_json_names_the_file_it_cannot_read(tmp_path):
+    write_json(tmp_path / "good.json", {"name": "café"})
+    assert read_json(tmp_path / "good.json") == {"name": "café"}
+    (tmp_path / "latin1.json").write_bytes('{"name": "café"}'.encode("latin-1"))
+    (tmp_path / "broken.json").write_text('{"name": ')
+    cases = {
+        "latin1.json": "latin1.json is not UTF-8 text (byte 0xe9 at offset 13)",
+        "broken.json": "bad JSON in .*broken.json: Expecting value (line 1, column 10)",
+        "missing.json": "cannot read .*missing.json: No such file or directory",
+    }
+    for name, message in cases.items():
+        with pytest.raises(VLMError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            read_json(tmp_path / name)

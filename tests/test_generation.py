@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import FAMILIES, build_tiny, family_config
 
-from vlm.errors import VLMError
+from vlm.errors import OptionError, VLMError
 from vlm.generation import GenerationOptions, generate_texts
 
 STEPS = 8
@@ -209,10 +209,14 @@ def test_prompt_longer_than_the_context(tiny, pil_images):
         ({"top_k": -1}, "top_k"),
         ({"num_beams": 0}, "num_beams"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"temperature": float("nan")}, "temperature must be a finite number, 0 .greedy. or above, got nan"),
+        ({"temperature": float("inf")}, "temperature must be a finite number, 0 .greedy. or above, got inf"),
+        ({"top_p": float("nan")}, "top_p must be a number above 0 and at most 1, got nan"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty must be a finite number above 0, got inf"),
     ],
 )
 def test_invalid_options(options, message):
-    with pytest.raises(VLMError, match=message):
+    with pytest.raises(OptionError, match=message):
         GenerationOptions(**options)
 
 

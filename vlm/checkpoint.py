@@ -17,7 +17,7 @@ from safetensors.torch import save_model as save_safetensors
 
 from vlm.config import CONFIG_FILE, WEIGHTS_FILE, VLMConfig
 from vlm.decoder import refuse_remote_code
-from vlm.errors import VLMError
+from vlm.errors import OptionError, VLMError
 from vlm.files import atomic_folder
 from vlm.model import VisionLanguageModel
 from vlm.processor import PROCESSOR_FILE, Processor, tokenizer_for
@@ -85,15 +85,15 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' is CUDA when available, else the CPU."""
+    """'auto' is CUDA when available, else the CPU; any other name must be a device of this machine."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise VLMError("--device cuda was asked for, but no CUDA GPU is available")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise VLMError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+    gpus = torch.cuda.device_count()
+    names = ["cpu", *(["cuda"] if gpus else []), *(f"cuda:{i}" for i in range(gpus))]
+    if device not in names:
+        found = "" if gpus else "; no CUDA GPU found"
+        raise OptionError("device", f"auto or a device of this machine ({', '.join(names)}{found})", device)
+    return torch.device(device)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -66,7 +66,7 @@ def caption(
             shapes benchmark).
         output: Write JSONL here: each input row (or {"image": path}) plus "prediction", in input order.
         batch_size: Images per forward pass.
-        device: Where to run: auto (CUDA when available), cpu or cuda.
+        device: Where to run: auto (CUDA when available), cpu, cuda or cuda:N (the GPU numbered N).
         dtype: Weights' precision: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.
         json: Print one JSON object per result instead of plain text.
         gen: Generation options.
@@ -101,7 +101,7 @@ def ask(
             shapes benchmark).
         output: Write JSONL here: each input row plus "prediction", in input order.
         batch_size: Questions per forward pass.
-        device: Where to run: auto (CUDA when available), cpu or cuda.
+        device: Where to run: auto (CUDA when available), cpu, cuda or cuda:N (the GPU numbered N).
         dtype: Weights' precision: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.
         json: Print one JSON object per result instead of plain text.
         gen: Generation options.
@@ -194,7 +194,7 @@ def chat(
         image: The image to talk about.
         model: A vlm checkpoint folder (default: samples/shapes-model/, which knows only the synthetic
             shapes benchmark).
-        device: Where to run: auto (CUDA when available), cpu or cuda.
+        device: Where to run: auto (CUDA when available), cpu, cuda or cuda:N (the GPU numbered N).
         dtype: Weights' precision: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.
         verbose: Show on stderr each question exactly as it is sent to the model, with its turn in the conversation.
         gen: Generation options.

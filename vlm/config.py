@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vlm.errors import VLMError
+from vlm.files import read_json
 
 CONFIG_FILE = "config.json"  # a checkpoint folder's config
 WEIGHTS_FILE = "model.safetensors"  # ... and its weights
@@ -124,10 +125,7 @@ class VLMConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> VLMConfig:
-        try:
-            d = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise VLMError(f"bad JSON in {path}: {e}") from None
+        d = read_json(path)
         if not isinstance(d, dict):
             raise VLMError(f"bad config {path}: not a JSON object")
         return cls.from_dict(d)

@@ -30,7 +30,7 @@ from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
 from vlm.config import DecoderConfig
 from vlm.errors import VLMError
-from vlm.files import atomic_folder
+from vlm.files import atomic_folder, read_json
 
 PACKAGE_PREFIX = "package:"
 # The files of a model folder where transformers finds `auto_map`, its pointer to Python files shipped in the folder.
@@ -143,9 +143,14 @@ def resolve_source(source: str) -> str:
 
 def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
     """A tokenizer from a local folder, a GGUF file, a `package:` path or a hub id."""
+    folder = resolve_source(source)
     try:
-        return AutoTokenizer.from_pretrained(resolve_source(source), trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except OSError as e:
+        raise VLMError(f"cannot load a tokenizer from {source!r}: {str(e).splitlines()[0]}") from e
+    except ValueError as e:  # a file that is not UTF-8 or not JSON: name it where the folder is local
+        for path in sorted(Path(folder).glob("*.json")):
+            read_json(path)
         raise VLMError(f"cannot load a tokenizer from {source!r}: {str(e).splitlines()[0]}") from e
 
 

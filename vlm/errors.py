@@ -1,4 +1,8 @@
-"""The one exception type the CLI turns into a one-line error and an exit code."""
+"""The exception types the CLI turns into a one-line error and an exit code."""
+
+from __future__ import annotations
+
+from typing import Any
 
 
 class VLMError(Exception):
@@ -11,3 +15,11 @@ class VLMError(Exception):
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class OptionError(VLMError):
+    """A value an option does not accept: "NAME must be ACCEPTED, got VALUE". The CLI prints NAME as `--NAME`."""
+
+    def __init__(self, option: str, accepted: str, value: Any):
+        super().__init__(f"{option} must be {accepted}, got {value!r}")
+        self.option = option

@@ -2,6 +2,7 @@
 
 Everything vlm writes for a user (checkpoint folders, converted GGUF caches, LLaVA exports, predictions, reports,
 model cards, training checkpoints) goes through these, so an interrupted run never leaves half a file behind.
+`read_json` reads JSON files back (a model folder's config.json and the like) with errors that name the file.
 """
 
 from __future__ import annotations
@@ -73,6 +74,20 @@ def write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, obj: Any) -> None:
     """Writes `obj` as indented JSON (UTF-8, non-ASCII kept) to `path` atomically."""
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON document in the UTF-8 file `path`; a file that cannot be read, is not UTF-8 or is not JSON is a
+    VLMError naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise VLMError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise VLMError(f"bad JSON in {path}: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    except OSError as e:
+        raise VLMError(f"cannot read {path}: {e.strerror}") from None
 
 
 def write_jsonl(path: str | Path, rows: Any) -> None:

@@ -6,15 +6,16 @@ this module turns prompts and images into its inputs and its token ids back into
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 from transformers import TextStreamer
 
 from vlm.decoder import context_length
-from vlm.errors import VLMError
+from vlm.errors import OptionError, VLMError
 from vlm.model import VisionLanguageModel
 from vlm.processor import Processor
 
@@ -44,18 +45,28 @@ class GenerationOptions:
     repetition_penalty: float = 1.0
     seed: int | None = None
 
+    # What each option accepts, in words: `__post_init__` checks these, and the CLI's messages quote them.
+    ACCEPTED: ClassVar[dict[str, str]] = {
+        "max_new_tokens": "an integer of at least 1",
+        "temperature": "a finite number, 0 (greedy) or above",
+        "top_k": "an integer, 0 (no limit) or above",
+        "top_p": "a number above 0 and at most 1",
+        "num_beams": "an integer of at least 1",
+        "repetition_penalty": "a finite number above 0",
+    }
+
     def __post_init__(self):
-        checks = [
-            (self.max_new_tokens is None or self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
-            (self.temperature >= 0, "temperature must be 0 (greedy) or positive"),
-            (self.top_k >= 0, "top_k must be 0 (off) or positive"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.num_beams >= 1, "num_beams must be at least 1"),
-            (self.repetition_penalty > 0, "repetition_penalty must be positive"),
-        ]
-        for ok, message in checks:
+        checks = {
+            "max_new_tokens": self.max_new_tokens is None or self.max_new_tokens >= 1,
+            "temperature": math.isfinite(self.temperature) and self.temperature >= 0,
+            "top_k": self.top_k >= 0,
+            "top_p": 0 < self.top_p <= 1,  # False for NaN
+            "num_beams": self.num_beams >= 1,
+            "repetition_penalty": math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+        }
+        for name, ok in checks.items():
             if not ok:
-                raise VLMError(message)
+                raise OptionError(name, self.ACCEPTED[name], getattr(self, name))
 
     @property
     def new_tokens(self) -> int:

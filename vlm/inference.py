@@ -17,7 +17,7 @@ from tqdm import tqdm
 from vlm.errors import VLMError
 from vlm.generation import GenerationOptions, generate_texts
 
-Device = Literal["auto", "cpu", "cuda"]
+Device = str  # auto, cpu, cuda or cuda:N: any name of a device this machine has (`vlm.checkpoint.resolve_device`)
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 

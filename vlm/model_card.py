@@ -21,7 +21,7 @@ from typing import Any
 
 from vlm.config import CONFIG_FILE, PARTS, WEIGHTS_FILE
 from vlm.errors import VLMError
-from vlm.files import write_text
+from vlm.files import read_json, write_text
 
 CARD_FILE = "README.md"
 EVAL_RESULTS_FILE = "eval_results.json"
@@ -71,19 +71,12 @@ def weights_digest(model_dir: str | Path) -> str:
     return h.hexdigest()
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise VLMError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
-
-
 def read_eval_results(model_dir: str | Path) -> dict[str, dict[str, Any]]:
     """The recorded `vlm eval` results of a checkpoint folder, keyed by benchmark (data file or dataset)."""
     path = Path(model_dir) / EVAL_RESULTS_FILE
     if not path.is_file():
         return {}
-    results = _read_json(path).get("results", {})
+    results = read_json(path).get("results", {})
     if not isinstance(results, dict):
         raise VLMError(f"{path}: 'results' must map benchmarks to results")
     return results
@@ -198,7 +191,7 @@ def _training(model_dir: Path) -> list[str]:
     path = model_dir / TRAINING_FILE
     if not path.is_file():
         return [f"Unknown: this folder has no `{TRAINING_FILE}` (the record a training run writes beside the weights)."]
-    record = _read_json(path)
+    record = read_json(path)
     if not isinstance(record, dict):
         return [f"`{TRAINING_FILE}`: `{json.dumps(record)[:500]}`"]
     if record.get("format_version") == 1:
@@ -357,8 +350,8 @@ def _evaluation(results: dict[str, dict[str, Any]], digest: str) -> list[str]:
 def render_model_card(model_dir: str | Path, digest: str | None = None) -> str:
     """The model card text of a checkpoint folder (see the module docstring for its sources)."""
     model_dir = Path(model_dir)
-    config = _read_json(model_dir / CONFIG_FILE)
-    processor = _read_json(model_dir / _PROCESSOR_FILE) if (model_dir / _PROCESSOR_FILE).is_file() else {}
+    config = read_json(model_dir / CONFIG_FILE)
+    processor = read_json(model_dir / _PROCESSOR_FILE) if (model_dir / _PROCESSOR_FILE).is_file() else {}
     digest = digest or weights_digest(model_dir)
     name = model_dir.resolve().name
     lines = [

@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from vlm.config import VLMConfig
 from vlm.decoder import load_tokenizer
 from vlm.errors import VLMError
+from vlm.files import read_json
 
 IGNORE_INDEX = -100
 PROCESSOR_FILE = "processor_config.json"
@@ -181,7 +182,7 @@ class Processor:
     def from_pretrained(cls, path: str | Path) -> Processor:
         """Loads from a checkpoint folder without building the model (e.g. in data-loading workers)."""
         path = Path(path)
-        meta = json.loads((path / PROCESSOR_FILE).read_text())
+        meta = read_json(path / PROCESSOR_FILE)
         tokenizer = load_tokenizer(str(path))
         tokenizer.chat_template = meta["chat_template"]
         t = meta["transform"]

@@ -4,6 +4,7 @@ the run's training record (training.json, shown by the model card) beside the we
 from __future__ import annotations
 
 import datetime
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -88,4 +89,6 @@ def import_ckpt(checkpoint: str, out_dir: str) -> None:
         raise VLMError(f"cannot read training checkpoint {checkpoint}: {str(e).splitlines()[0]}") from e
     if "vlm" not in ckpt or "state_dict" not in ckpt:
         raise VLMError(f"{checkpoint} is not a training checkpoint written by vlm fit")
-    export_state({**ckpt["vlm"], "training": checkpoint_record(ckpt, path)}, ckpt["state_dict"], out_dir)
+    out = export_state({**ckpt["vlm"], "training": checkpoint_record(ckpt, path)}, ckpt["state_dict"], out_dir)
+    step = ckpt.get("global_step")
+    print(f"wrote a vlm checkpoint of {checkpoint} (training step {step}) to {out}", file=sys.stderr)

@@ -6,7 +6,6 @@ the folder is checked by loading it back with transformers and comparing logits 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from torch import Tensor, nn
 from vlm.checkpoint import load
 from vlm.config import VLMConfig
 from vlm.errors import VLMError
-from vlm.files import atomic_folder, free_folder, write_json
+from vlm.files import atomic_folder, free_folder, read_json, write_json
 from vlm.llava.keys import ACTIVATIONS, ENCODER, llava_names, to_llava
 from vlm.llava.templates import for_list_content
 from vlm.model import VisionLanguageModel
@@ -57,8 +56,8 @@ def export_hf(model_dir: str, out_dir: str) -> None:
         _save_processor(tmp, processor, config, has_cls)
         diff = _check_export(tmp, model, processor)
     print(
-        f"export-hf: {out} loads in transformers with no missing, unexpected or mismatched keys; "
-        f"max |logit difference| from vlm on a test input: {diff:.2e} (fp32)",
+        f"wrote a transformers LLaVA folder to {out}: it loads with no missing, unexpected or mismatched keys, "
+        f"max |logit difference| from vlm on a test input {diff:.2e} (fp32)",
         file=sys.stderr,
     )
 
@@ -282,13 +281,13 @@ def _readable_by_4x(folder: Path, image_processor: Any) -> None:
     """
     image_processor.save_pretrained(folder)  # preprocessor_config.json, beside 5.x's processor_config.json
     path = folder / "tokenizer_config.json"
-    tok_config = json.loads(path.read_text())
+    tok_config = read_json(path)
     if tok_config.get("tokenizer_class") == "TokenizersBackend":
         tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     tok_config["model_input_names"] = ["input_ids", "attention_mask"]
     write_json(path, tok_config)
     path = folder / "config.json"
-    config = json.loads(path.read_text())
+    config = read_json(path)
     rope = config["text_config"].get("rope_parameters")
     if isinstance(rope, dict) and "rope_theta" in rope:
         config["text_config"]["rope_theta"] = rope["rope_theta"]

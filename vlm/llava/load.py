@@ -6,7 +6,7 @@ language model vlm's decoder; the weights are read through the same key table ex
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from vlm.checkpoint import save_checkpoint
 from vlm.config import DecoderConfig, EncoderConfig, ProjectorConfig, VLMConfig
 from vlm.decoder import context_length, load_tokenizer, refuse_remote_code
 from vlm.errors import VLMError
-from vlm.files import free_folder
+from vlm.files import free_folder, read_json
 from vlm.llava.keys import from_llava, legacy_key, timm_activation
 from vlm.llava.templates import for_text_content, vlm_template
 from vlm.model import VisionLanguageModel
@@ -79,6 +79,8 @@ def import_hf(src: str, out_dir: str) -> None:
         images_after_text,
     )
     save_checkpoint(model, out, processor)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote a vlm checkpoint of LLaVA model {src} ({n / 1e6:.2f}M parameters) to {out}", file=sys.stderr)
 
 
 def _local_folder(src: str) -> Path:
@@ -141,7 +143,7 @@ def _mlp_ratio(hidden: int, width: int) -> float:
 def _read_weights(folder: Path) -> dict[str, Tensor]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = sorted(set(read_json(index)["weight_map"].values()))
     elif (folder / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -215,7 +217,7 @@ def _chat_template(folder: Path, tokenizer: Any, image_token: str) -> tuple[str 
     if jinja.is_file():
         template = jinja.read_text()
     elif (folder / "chat_template.json").is_file():
-        template = json.loads((folder / "chat_template.json").read_text()).get("chat_template")
+        template = read_json(folder / "chat_template.json").get("chat_template")
     else:
         template = tokenizer.chat_template
     if not template:
