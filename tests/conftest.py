@@ -13,8 +13,11 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from PIL import Image
@@ -201,9 +204,40 @@ def training_batch(processor, images: list[Image.Image]) -> dict:
     return batch
 
 
-def run_vlm(args: list, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Runs the installed `vlm` console script (or `python -m vlm.cli` where it is not on PATH) in a subprocess."""
+def run_vlm(args: list, cwd: Path | None = None, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """Runs the installed `vlm` console script (or `python -m vlm.cli` where it is not on PATH) in a subprocess, with
+    `env` added to the environment and no stdin; a run past `timeout` seconds fails the test (`TimeoutExpired`)."""
     script = shutil.which("vlm")
     command = [script] if script else [sys.executable, "-m", "vlm.cli"]
-    env = {k: v for k, v in os.environ.items() if k != "VLM_DEBUG"}
-    return subprocess.run([*command, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    env = {**{k: v for k, v in os.environ.items() if k != "VLM_DEBUG"}, **env}
+    return subprocess.run(
+        [*command, *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def finishes_within(seconds: float, fn: Callable[[], Any]) -> Any:
+    """`fn()`'s result (or its exception), or a test failure when it has not returned after `seconds`: for code
+    that hangs when it regresses (e.g. opening a named pipe), so the test fails instead of hanging the run."""
+    outcome: list = []
+
+    def call() -> None:
+        try:
+            outcome.append((True, fn()))
+        except BaseException as e:  # handed to the test's thread below
+            outcome.append((False, e))
+
+    threading.Thread(target=call, daemon=True).start()
+    deadline = time.monotonic() + seconds
+    while not outcome and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert outcome, f"did not finish within {seconds} s"
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
