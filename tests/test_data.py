@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+from conftest import finishes_within
 
 from vlm.data import Example, RowError, parse_row, read_jsonl
 from vlm.errors import VLMError
@@ -159,6 +161,92 @@ def test_blank_lines_are_skipped_but_counted(tmp_path):
 def test_missing_data_file(tmp_path):
     with pytest.raises(VLMError, match="data file not found"):
         _read(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"  \n\n\t\r\n", b"\xef\xbb\xbf", b"\xef\xbb\xbf\n \n"])
+def test_a_file_with_no_rows_is_an_error(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(VLMError) as err:
+        _read(path)
+    assert str(err.value) == f"no rows in {path}"
+
+
+def test_a_file_of_broken_rows_is_not_empty(tmp_path):
+    path = _write(tmp_path / "d.jsonl", ["{oops"])
+    assert [str(e) for e in _read(path)] == ["line 1: bad JSON (Expecting property name enclosed in double quotes)"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_named_pipe_as_data_file_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    with pytest.raises(VLMError) as err:
+        finishes_within(30, lambda: _read(tmp_path / "pipe.jsonl"))
+    assert str(err.value) == f"data file {tmp_path / 'pipe.jsonl'} is a named pipe, not a regular file"
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"question": "a?", "answer": "b"}\r\n{"question": "c?", "answer": "d"}\r\n')
+    first, second = _read(path)
+    assert (first.line, first.prompt, first.offset) == (1, "a?", 3)
+    assert (second.line, second.prompt) == (2, "c?")
+
+
+def test_a_line_that_is_not_utf8_is_one_broken_row_and_reading_goes_on(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good = '{"question": "a?", "answer": "b"}\n'
+    path.write_bytes(good.encode() + '{"question": "caf\u00e9?", "answer": "b"}\n'.encode("latin-1") + good.encode())
+    rows = _read(path)
+    assert [type(r).__name__ for r in rows] == ["Example", "RowError", "Example"]
+    assert str(rows[1]) == "line 2: not valid UTF-8 (byte 0xe9 at column 18)"
+    assert rows[2].line == 3
+
+
+def test_a_line_above_the_limit_is_a_broken_row(tmp_path, monkeypatch):
+    import vlm.data
+
+    monkeypatch.setattr(vlm.data, "_CHUNK_BYTES", 16)  # lines span many chunks
+    monkeypatch.setattr(vlm.data, "MAX_LINE_BYTES", 100)
+    at_limit = json.dumps({"question": "q" * 60, "answer": "b"})  # 91 bytes, padded to 100
+    at_limit = at_limit[:-1] + " " * (100 - len(at_limit)) + "}"
+    assert len(at_limit) == 100
+    over = json.dumps({"question": "x" * 200, "answer": "b"})
+    path = _write(tmp_path / "long.jsonl", [at_limit, at_limit + " ", {"question": "c?", "answer": "d"}, over])
+    rows = _read(path)
+    assert [r.line for r in rows] == [1, 2, 3, 4]
+    assert isinstance(rows[0], Example) and isinstance(rows[2], Example)
+    assert [str(rows[k]) for k in (1, 3)] == [
+        "line 2: line longer than 100 bytes",
+        "line 4: line longer than 100 bytes",
+    ]
+
+
+def test_a_50_mb_line_is_never_held_whole(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "huge.jsonl"
+    with path.open("wb") as f:
+        f.write(b'{"question": "')
+        for _ in range(50):
+            f.write(b"x" * (1 << 20))
+        f.write(b'", "answer": "b"}\n{"question": "c?", "answer": "d"}\n')
+    tracemalloc.start()
+    try:
+        rows = _read(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(rows[0]) == "line 1: line longer than 1,048,576 bytes"
+    assert rows[1].prompt == "c?"
+    assert peak < 4 * (1 << 20), f"{peak:,} bytes held while reading"
+
+
+def test_offsets_point_at_each_row(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [{"question": f"q{i}?", "answer": "é"} for i in range(3)])
+    data = path.read_bytes()
+    for ex in _read(path):
+        assert json.loads(data[ex.offset :].split(b"\n")[0]) == ex.row
 
 
 def test_unicode_rows(tmp_path):

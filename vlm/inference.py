@@ -46,11 +46,12 @@ class Item:
 
 def items_from_inputs(inputs: list[str], caption_prompt: str) -> tuple[list[Item], bool]:
     """Expands image files, folders of images and JSONL files into items; says whether it was one image."""
+    from vlm.files import check_name_lengths
     from vlm.images import list_images
 
     items: list[Item] = []
     for name in inputs:
-        path = Path(name)
+        path = check_name_lengths(name, "input")
         if path.is_dir():
             found = list_images(path)
             if not found:
