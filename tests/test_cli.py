@@ -406,3 +406,15 @@ def test_a_bad_pixel_limit_is_one_line_for_the_whole_run(capsys, monkeypatch, va
     code, out, err = run(capsys, "caption", image_folder, "--model", varied_checkpoint, "--max-new-tokens", N)
     assert (code, out) == (2, "")
     assert_one_line_error(code, err, f"VLM_MAX_IMAGE_PIXELS={value!r}", "0 or none for no limit")
+
+
+def test_a_model_whose_processor_file_has_std_0_is_refused(capsys, varied_checkpoint, image_folder, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(varied_checkpoint, model)
+    file = model / "processor_config.json"
+    meta = json.loads(file.read_text())
+    meta["transform"]["std"] = [0.0, 0.0, 0.0]
+    file.write_text(json.dumps(meta))
+    code, out, err = run(capsys, "caption", image_folder / "a.png", "--model", model)
+    message = f"{file}: transform.std must be three positive numbers, got [0.0, 0.0, 0.0]"
+    assert (code, out, err) == (2, "", f"vlm: error: {message}\n")

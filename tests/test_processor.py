@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -269,3 +270,25 @@ def test_save_and_load_round_trip(processor, tmp_path):
     assert loaded.chat_template == processor.chat_template
     for messages, n in CONVERSATIONS.values():
         assert loaded.encode(messages, n) == processor.encode(messages, n)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "need"),
+    [
+        ("std", [0.5, 0.0, 0.5], "three positive numbers"),
+        ("std", [0.5, -0.2, 0.5], "three positive numbers"),
+        ("std", [0.5, 0.5], "three positive numbers"),
+        ("std", "0.5", "three positive numbers"),
+        ("mean", [0.5, None, 0.5], "three numbers"),
+        ("mean", [0.5, 1e400, 0.5], "three numbers"),  # JSON's 1e400 reads as inf
+    ],
+)
+def test_a_processor_file_that_cannot_normalise_is_refused_at_load(processor, tmp_path, field, value, need):
+    processor.save_pretrained(tmp_path)
+    file = tmp_path / "processor_config.json"
+    meta = json.loads(file.read_text())
+    meta["transform"][field] = value
+    file.write_text(json.dumps(meta).replace("Infinity", "1e400"))
+    with pytest.raises(VLMError) as err:
+        Processor.from_pretrained(tmp_path)
+    assert str(err.value) == f"{file}: transform.{field} must be {need}, got {json.dumps(value)}"
