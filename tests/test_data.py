@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 from conftest import finishes_within
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vlm.data import Example, RowError, parse_row, read_jsonl
 from vlm.errors import VLMError
@@ -242,6 +244,15 @@ def test_a_50_mb_line_is_never_held_whole(tmp_path):
     assert peak < 4 * (1 << 20), f"{peak:,} bytes held while reading"
 
 
+def test_lines_json_cannot_read_are_broken_rows(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"[" * 100_000 + b"\n" + b"9" * 5000 + b'\n"\\ud800"\n')
+    deep, digits, surrogate = _read(path)
+    assert str(deep) == "line 1: bad JSON (nested too deeply)"
+    assert str(digits) == "line 2: bad JSON (Exceeds the limit (4300 digits) for integer string conversion)"
+    assert str(surrogate) == "line 3: a row must be a JSON object"  # JSON allows it; the row is still broken
+
+
 def test_offsets_point_at_each_row(tmp_path):
     path = _write(tmp_path / "d.jsonl", [{"question": f"q{i}?", "answer": "é"} for i in range(3)])
     data = path.read_bytes()
@@ -349,3 +360,41 @@ def test_open_hf_dataset_reads_saved_folders_and_data_files(tmp_path):
     with pytest.raises(VLMError, match=r"^cannot load dataset .*bad.parquet' \(split 'train'\): ") as e:
         open_hf_dataset(str(tmp_path / "bad.parquet"), "train", cache_dir=str(tmp_path / "cache"))
     assert "\n" not in str(e.value)
+
+
+# ---- property: whatever bytes a JSONL file holds, the reader yields rows or RowErrors, and finishes ---------------
+
+_FRAGMENTS = [
+    b"\n",
+    b"\r\n",
+    b"\r",
+    b"\xef\xbb\xbf",
+    b'{"question": "q?", "answer": "a"}',
+    b'{"image": "x.png", "caption": "c"}',
+    b'{"conversations": [{"from": "human", "value": "hi"}]}',
+    b"\xff\xc3",  # not UTF-8
+    b'"\\ud800"',  # a lone surrogate
+    b"x" * 300,  # with the limit patched to 256 below, a line above it
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(content=st.binary(max_size=400) | st.lists(st.sampled_from(_FRAGMENTS) | st.binary(max_size=8)).map(b"".join))
+def test_any_bytes_as_jsonl_give_rows_or_row_errors(tmp_path_factory, content):
+    import vlm.data
+
+    path = tmp_path_factory.mktemp("fuzz") / "d.jsonl"
+    path.write_bytes(content)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vlm.data, "MAX_LINE_BYTES", 256)
+        patch.setattr(vlm.data, "_CHUNK_BYTES", 64)
+        try:
+            rows = finishes_within(10, lambda: _read(path))
+        except VLMError as e:  # the one error: a file without rows
+            assert str(e) == f"no rows in {path}"
+            assert not content.removeprefix(b"\xef\xbb\xbf").strip()
+            return
+    assert all(isinstance(r, (Example, RowError)) for r in rows)
+    numbers = [r.line for r in rows]
+    lines = content.removeprefix(b"\xef\xbb\xbf").split(b"\n")
+    assert numbers == sorted(set(numbers)) and len(rows) == sum(1 for line in lines if line.strip())

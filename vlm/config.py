@@ -119,9 +119,11 @@ class VLMConfig:
     @classmethod
     def load(cls, path: str | Path) -> VLMConfig:
         try:
-            d = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise VLMError(f"bad JSON in {path}: {e}") from None
+            d = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
+        except UnicodeDecodeError as e:
+            raise VLMError(f"bad config {path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, too many digits, nesting too deep
+            raise VLMError(f"bad JSON in {path}: {str(e)[:200] or 'nested too deeply'}") from None
         if not isinstance(d, dict):
             raise VLMError(f"bad config {path}: not a JSON object")
         return cls.from_dict(d)

@@ -193,8 +193,10 @@ def _decode(raw: bytes | None) -> tuple[Any, str | None]:
         return json.loads(text), None
     except json.JSONDecodeError as e:
         return None, f"bad JSON ({e.msg})"
-    except (ValueError, RecursionError) as e:  # e.g. an integer of too many digits, arrays nested too deeply
-        return None, f"bad JSON ({type(e).__name__}: {str(e)[:80] or 'nested too deeply'})"
+    except RecursionError:
+        return None, "bad JSON (nested too deeply)"
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        return None, f"bad JSON ({str(e).split(':')[0]})"
 
 
 def json_lines(path: str | Path, what: str = "data file") -> Iterator[JsonLine]:
