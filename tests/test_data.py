@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -249,7 +250,10 @@ def test_lines_json_cannot_read_are_broken_rows(tmp_path):
     path.write_bytes(b"[" * 100_000 + b"\n" + b"9" * 5000 + b'\n"\\ud800"\n')
     deep, digits, surrogate = _read(path)
     assert str(deep) == "line 1: bad JSON (nested too deeply)"
-    assert str(digits) == "line 2: bad JSON (Exceeds the limit (4300 digits) for integer string conversion)"
+    if hasattr(sys, "set_int_max_str_digits"):  # Python 3.11 on; 3.10 reads the number, not an object either
+        assert str(digits) == "line 2: bad JSON (Exceeds the limit (4300 digits) for integer string conversion)"
+    else:
+        assert str(digits) == "line 2: a row must be a JSON object"
     assert str(surrogate) == "line 3: a row must be a JSON object"  # JSON allows it; the row is still broken
 
 
