@@ -395,6 +395,13 @@ def test_a_file_name_too_long_as_input(capsys, varied_checkpoint, tmp_path):
     image = tmp_path / ("i" * 300 + ".png")
     code, out, err = run(capsys, "caption", image, "--model", varied_checkpoint)
     assert (code, out, err) == (2, "", f"vlm: error: input name too long (304 bytes; the limit is 255): {image}\n")
+    model = tmp_path / ("m" * 300)
+    code, out, err = run(capsys, "caption", image, "--model", model)
+    assert (code, out, err) == (
+        2,
+        "",
+        f"vlm: error: model folder name too long (300 bytes; the limit is 255): {model}\n",
+    )
     data = tmp_path / ("d" * 300 + ".jsonl")
     code, out, err = run(capsys, "ask", "--input", data, "--model", varied_checkpoint)
     assert (code, out, err) == (2, "", f"vlm: error: input file name too long (306 bytes; the limit is 255): {data}\n")

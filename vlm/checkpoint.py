@@ -16,7 +16,7 @@ from safetensors.torch import save_model as save_safetensors
 
 from vlm.config import CONFIG_FILE, WEIGHTS_FILE, VLMConfig
 from vlm.errors import VLMError
-from vlm.files import atomic_folder
+from vlm.files import atomic_folder, check_name_lengths
 from vlm.model import VisionLanguageModel
 from vlm.processor import PROCESSOR_FILE, Processor, tokenizer_for
 
@@ -45,7 +45,7 @@ def save_checkpoint(model: VisionLanguageModel, path: str | Path, processor: Pro
 
 def _load(path: str | Path) -> tuple[VisionLanguageModel, Processor]:
     """A checkpoint folder's model (eval mode) and processor, each read from disk once."""
-    path = Path(path)
+    path = check_name_lengths(path, "model folder")
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise VLMError(f"not a vlm checkpoint folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}): {path}")
     config = VLMConfig.load(path / CONFIG_FILE)
