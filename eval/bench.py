@@ -80,7 +80,9 @@ def _build(preset: str) -> tuple[VisionLanguageModel, Processor, str | None]:
     source = config.decoder.tokenizer or config.decoder.name_or_path
     note = None
     try:  # random weights need no download: a hub tokenizer is read from the local cache or not at all
-        tokenizer = AutoTokenizer.from_pretrained(resolve_source(source), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolve_source(source), local_files_only=True, trust_remote_code=False
+        )
         add_image_token(tokenizer, config.image_token)
     except OSError:
         # The text is random, so only the vocabulary's size matters: the bundled tokenizer padded with placeholder
@@ -567,7 +569,7 @@ def bench(
             base_train, base_gen = train_batch, gen_batches
             if source is not None:
                 base_train, base_gen = _inputs(base_processor, base_shapes, batch_size, gen_batch_sizes, vocab)
-            llava = LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=dt)
+            llava = LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=dt, trust_remote_code=False)
             models["baseline"] = (llava, base_processor, base_train, base_gen, base_shapes)
             del llava  # held by `models` only
         results = _rounds(models, rounds, args, peak)

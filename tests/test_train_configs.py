@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from vlm.train.cli import main
+from peft import PeftModel
+from vlm.train.cli import main, make_cli
+
+from vlm.lora import LoraSettings
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "samples" / "configs").glob("*.yaml"))
 
@@ -44,3 +47,23 @@ def test_unknown_option_is_rejected(capsys):
     with pytest.raises(SystemExit) as e:
         main(["fit", "--config", str(CONFIGS[0]), "--model.no_such_option", "1", "--print_config"])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "printed", "settings"),
+    [
+        (["--model.lora", "true"], "lora: true", LoraSettings()),
+        (["--model.lora=true", "--model.lora.r", "4"], "r: 4", LoraSettings(r=4)),
+        (["--model.lora", "false"], "lora: false", None),
+        ([], "lora: null", None),
+    ],
+)
+def test_lora_true_means_the_default_settings(capsys, args, printed, settings):
+    """`--model.lora true` parses (not a usage dump) and trains adapters with `LoraSettings`' defaults."""
+    tiny = str(CONFIGS[0].parent / "tiny.yaml")
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", tiny, *args, "--print_config"])
+    assert e.value.code in (0, None) and printed in capsys.readouterr().out
+    model = make_cli(["--config", tiny, *args], run=False).model
+    assert model.lora == settings
+    assert isinstance(model.vlm.decoder, PeftModel) == (settings is not None)

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning
 import pytest
 import torch
+from conftest import run_vlm
 from lightning.pytorch import Callback
 from vlm.train.callbacks import AtomicCheckpointIO
 from vlm.train.cli import main, make_cli
@@ -244,3 +249,49 @@ def test_broken_rows_found_in_workers_are_reported_and_can_stop_the_run(tmp_path
     metrics = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     column = metrics[0].split(",").index("data/train_bad_rows")
     assert [line.split(",")[column] for line in metrics[1:] if line.split(",")[column]] == ["4.0"]
+
+
+def test_fit_prints_the_run_only_and_counts_steps(tmp_path, small_data):
+    """`vlm fit` prints no adverts and no library deprecation warnings; its bar counts steps out of max_steps, and a
+    resumed run starts at the step it resumed from. The record counts epochs one way: passes, and whole passes."""
+    args = [a for a in run_args(tmp_path, small_data) if a not in QUIET]
+    runs = [run_vlm(["fit", *args, "--trainer.max_steps=8"])]
+    runs.append(run_vlm(["fit", *args, "--trainer.max_steps=12", "--ckpt_path=last"]))
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+        out = run.stdout + run.stderr
+        for noise in ("litlogger", "Tip:", "LeafSpec", "deprecated", "/-"):
+            assert noise not in out, noise
+    first, resumed = (run.stdout.replace("\r", "\n") for run in runs)
+    assert re.search(r"\b8/8 \[", first) and re.search(r"\b1/8 \[", first)
+    # Resumed from the checkpoint of step 8: the bar starts there.
+    assert re.search(r"\b8/12 \[", resumed) and re.search(r"\b12/12 \[", resumed)
+    assert not re.search(r"\b[1-7]/12 \[", resumed)
+    record = json.loads((tmp_path / "model" / "training.json").read_text())
+    assert (record["steps"], record["epochs_seen"], record["epochs_completed"]) == (
+        12,
+        2.0,
+        2,
+    ) and "epoch" not in record
+
+
+def test_a_run_clears_the_temporary_files_of_killed_writes(tmp_path, small_data):
+    """Temporary files of atomic writes whose writer died are deleted when the next run starts in the folder; those
+    of a live writer, and other files, are left alone."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = os.getppid()  # a running process other than this one (whose own writes reuse its temporary names)
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    planted = {
+        checkpoints / f".epoch=0-step=4.ckpt.{dead.pid}.partial": False,
+        checkpoints / f".last.ckpt.{dead.pid}.partial": False,
+        tmp_path / f".config.yaml.{dead.pid}.partial": False,
+        checkpoints / f".last.ckpt.{live}.partial": True,  # still being written
+        checkpoints / "notes.partial": True,  # not an atomic write's
+    }
+    for path in planted:
+        path.write_bytes(b"half a checkpoint")
+    main(["fit", *run_args(tmp_path, small_data), "--trainer.max_steps=2"])
+    assert {path: path.exists() for path in planted} == planted
+    assert (checkpoints / "last.ckpt").is_file()

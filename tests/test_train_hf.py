@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import datasets
 import pytest
 import torch
+from conftest import run_vlm
 from PIL import Image
 from vlm.train.data import ResumableDataLoader, VLMDataModule
 from vlm.train.module import VLMModule
@@ -14,11 +17,13 @@ from vlm.train.module import VLMModule
 from vlm.checkpoint import build, load
 from vlm.collate import Collator
 from vlm.config import VLMConfig
+from vlm.errors import VLMError
 from vlm.lora import LoraSettings
 from vlm.processor import IGNORE_INDEX
 from vlm.training_ckpt import export_state
 
 torch.set_num_threads(1)
+TINY = Path(__file__).resolve().parents[1] / "samples" / "configs" / "tiny.yaml"
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 
 
@@ -164,3 +169,27 @@ def test_lora_trains_adapters_only_and_merges_on_export(tmp_path, table, process
     with torch.no_grad():
         got = merged(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
     assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_unmapped_columns_stop_before_training(tmp_path, table, processor):
+    """A dataset whose columns are not the JSONL fields is one line pointing to --data.columns, not a worker crash."""
+    table.save_to_disk(str(tmp_path / "saved"))
+    run = run_vlm(
+        ["fit", "--config", TINY, f"--data.train={tmp_path / 'saved'}", "--data.val=null", "--data.num_workers=1",
+         f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.max_steps=1"]
+    )  # fmt: skip
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert (
+        lines[-1].startswith("vlm: error: ") and "--data.columns" in lines[-1] and "picture, query, label" in lines[-1]
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # A mapped column the dataset lacks is named; so is a question without an answer.
+    for columns, message in (
+        ({**COLUMNS, "answer": "labels"}, "no column 'labels' (data.columns maps 'answer' to it)"),
+        ({"image": "picture", "question": "query"}, "map them with --data.columns"),
+    ):
+        dm = VLMDataModule(train=str(tmp_path / "saved"), columns=columns, num_workers=0)
+        dm.processor = processor
+        with pytest.raises(VLMError, match=re.escape(message)):
+            dm.setup("fit")

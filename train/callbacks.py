@@ -1,19 +1,22 @@
-"""Callbacks every vlm training run gets (`VLMModule.configure_callbacks`), and the atomic checkpoint writer."""
+"""Callbacks every vlm training run gets (`VLMModule.configure_callbacks`), the progress bar of `vlm fit`, and the
+atomic checkpoint writer."""
 
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 from vlm.train.data import bad_rows_report, check_bad_fraction
 
-from vlm.files import atomic_file
+from vlm.files import atomic_file, remove_interrupted_writes
 
 
 class DataHealth(Callback):
@@ -71,6 +74,20 @@ def _num_rows(dataset: Any) -> int:
         return len(dataset)
     except TypeError:
         return 0
+
+
+class InterruptedWrites(Callback):
+    """At the start of a fit, deletes what writes cut short by a killed run left in the run folder and the checkpoint
+    folders: `atomic_file`'s temporary files (`.NAME.PID.partial`) whose writer is no longer running."""
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        folders = {Path(trainer.default_root_dir)}
+        folders |= {Path(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
+        for folder in sorted(folders):
+            for path in remove_interrupted_writes(folder):
+                rank_zero_info(f"removed {path}, left by an interrupted write")
 
 
 class RunArtifacts(Callback):
@@ -131,6 +148,29 @@ def plot_curves(metrics_csv: Path, out: Path) -> bool:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     return True
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar, counting optimizer steps out of the run's total (`trainer.max_steps`, else the steps of
+    `max_epochs`) across epochs, rather than batches out of one epoch: a resumed run starts at the step it resumed
+    from. The description names the epoch in progress, counted from 0."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        bar = self.train_progress_bar
+        bar.total = None if math.isinf(total) else int(total)
+        bar.initial = bar.n = bar.last_print_n = trainer.global_step  # a resumed run's rate counts its own steps
+        self.on_train_epoch_start(trainer)  # not called when a run resumes mid-epoch
+
+    def on_train_epoch_start(self, trainer: Trainer, *_: Any) -> None:
+        self.train_progress_bar.set_description(f"epoch {trainer.current_epoch}, step")  # and shows the bar
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        step, bar = trainer.global_step, self.train_progress_bar
+        if self._should_update(step, bar.total) and not bar.disable:
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -11,6 +11,7 @@ One run is one folder, `--trainer.default_root_dir` (default: the working direct
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import sys
 import warnings
@@ -18,12 +19,12 @@ from typing import Any
 
 import torch
 from lightning.fabric.loggers.logger import rank_zero_experiment
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from vlm.train.callbacks import AtomicCheckpointIO
+from vlm.train.callbacks import AtomicCheckpointIO, StepProgressBar
 from vlm.train.data import VLMDataModule
 from vlm.train.module import VLMModule
 
@@ -65,7 +66,8 @@ def default_loggers(root: str) -> list:
 class VLMCLI(LightningCLI):
     """LightningCLI for `VLMModule` + `VLMDataModule`, with only the fit and validate subcommands, CSV and
     TensorBoard logging into the run folder unless `trainer.logger` is set, atomic checkpoint writes unless a
-    `CheckpointIO` plugin is given, and a `ModelCheckpoint` keeping last.ckpt unless one is configured."""
+    `CheckpointIO` plugin is given, a `ModelCheckpoint` keeping last.ckpt unless one is configured, and a progress
+    bar counting steps out of the run's total (`StepProgressBar`) unless one is configured or it is disabled."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -83,11 +85,34 @@ class VLMCLI(LightningCLI):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         callbacks = config.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        defaults = []
         checkpointing = config.get("enable_checkpointing") is not False
         if checkpointing and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-            default = ModelCheckpoint(save_last=True, every_n_train_steps=DEFAULT_CHECKPOINT_EVERY)
-            kwargs["callbacks"] = [*callbacks, default]
+            defaults.append(ModelCheckpoint(save_last=True, every_n_train_steps=DEFAULT_CHECKPOINT_EVERY))
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            defaults.append(StepProgressBar())
+        if defaults:
+            kwargs["callbacks"] = [*callbacks, *defaults]
         return super().instantiate_trainer(**kwargs)
+
+
+class _DropTips(logging.Filter):
+    """Drops Lightning's adverts ("💡 Tip: ... try installing litlogger"), logged as information like real news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_lightning() -> None:
+    """What `vlm fit` prints is about the run: no adverts, and no deprecation warnings raised inside the libraries
+    (e.g. Lightning calling torch's deprecated `LeafSpec`: news for their authors, not for a user). Deprecation warnings
+    pointing at vlm's own code, and every other warning, still show."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(?!vlm\b)")
 
 
 def make_cli(args: list[str], run: bool = True) -> VLMCLI:
@@ -99,6 +124,7 @@ def make_cli(args: list[str], run: bool = True) -> VLMCLI:
     warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty")
     # Frozen parts are kept in eval mode on purpose (train/module.py): that is intended.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    quiet_lightning()
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
     return VLMCLI(

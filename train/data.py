@@ -112,6 +112,26 @@ def _may_exist(path: Path) -> bool:
         return True
 
 
+def check_columns(spec: str, names: list[str] | None, columns: dict[str, str]) -> None:
+    """Refuses, before training starts, a `datasets` source whose columns cannot make rows (every row would be broken,
+    and the loader workers would stop on it): a mapped column it lacks, or no column for a caption, a question and
+    its answer, or conversations. `names` are the dataset's columns (None: not known, as for some streams)."""
+    if names is None:
+        return
+    listed = ", ".join(names) or "none"
+    for field, column in columns.items():
+        if column not in names:
+            raise VLMError(
+                f"{spec} has no column {column!r} (data.columns maps {field!r} to it); its columns: {listed}"
+            )
+    fields = (set(names) - set(columns.values())) | set(columns)
+    if not fields & {"caption", "question", "conversations"} or ("question" in fields and "answer" not in fields):
+        raise VLMError(
+            f"{spec} has no columns named caption, question and answer, or conversations (its columns: {listed}): "
+            "map them with --data.columns, e.g. --data.columns '{question: query, answer: label, image: picture}'"
+        )
+
+
 class DatasetRows(RowSource):
     """A map-style Hugging Face dataset; rows are parsed when read (in the loader workers)."""
 
@@ -405,6 +425,7 @@ class VLMDataModule(LightningDataModule):
         if spec.endswith(".jsonl"):
             return JsonlRows(spec, self.processor.caption_prompt)
         ds, base = open_hf_dataset(spec, split, **self.hf_kwargs)
+        check_columns(spec, ds.column_names, self.columns)
         return DatasetRows(ds, spec, self.columns, base, self.processor.caption_prompt)
 
     def _map_dataset(self, specs: list[str], split: str, what: str, generate: int) -> VLMDataset:
@@ -432,6 +453,7 @@ class VLMDataModule(LightningDataModule):
         stream, base = open_hf_dataset(specs[0], split, streaming=True, **self.hf_kwargs)
         if not isinstance(stream, datasets.IterableDataset):
             raise VLMError(f"{specs[0]} did not open as a stream")
+        check_columns(specs[0], stream.column_names, self.columns)
         if shuffle:
             stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
         if self.trainer is not None and self.trainer.world_size > 1:

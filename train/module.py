@@ -90,6 +90,13 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def lora_settings(lora: bool | LoraSettings | None) -> LoraSettings | None:
+    """`model.lora` as given (true, false, unset or the settings) -> the settings, or None for no adapters."""
+    if lora is True:
+        return LoraSettings()
+    return lora or None
+
+
 class VLMModule(LightningModule):
     """Trains a vision-language model.
 
@@ -114,7 +121,8 @@ class VLMModule(LightningModule):
         min_lr_ratio: The cosine schedule ends at this fraction of each peak learning rate.
         gradient_checkpointing: Recompute activations in the backward pass (decoder, and the encoder when trained):
             less memory, about a third more compute.
-        lora: Train LoRA adapters on the decoder instead of its weights.
+        lora: Train LoRA adapters on the decoder instead of its weights: `true` for the defaults (r 16, alpha 32,
+            dropout 0.05, all-linear), or the settings (`--model.lora.r 8`, ...; see `vlm.lora.LoraSettings`).
         max_new_tokens: Longest generated answer for validation accuracy.
     """
 
@@ -138,7 +146,7 @@ class VLMModule(LightningModule):
         warmup: float = 0.03,
         min_lr_ratio: float = 0.1,
         gradient_checkpointing: bool = False,
-        lora: LoraSettings | None = None,
+        lora: bool | LoraSettings | None = None,
         max_new_tokens: int = 16,
     ):
         super().__init__()
@@ -146,7 +154,7 @@ class VLMModule(LightningModule):
         if any(lr < 0 for lr in self.lrs.values()):
             raise VLMError("learning rates must be >= 0 (0 freezes a part)")
         self.weight_decay, self.betas, self.warmup, self.min_lr_ratio = weight_decay, tuple(betas), warmup, min_lr_ratio
-        self.lora, self.max_new_tokens = lora, max_new_tokens
+        self.lora, self.max_new_tokens = lora_settings(lora), max_new_tokens
         # Where the weights started, for the training record (a full VLMConfig has no name: see config.json).
         name = None if init_from is not None else config if isinstance(config, str) else "custom"
         self._origin = {"config": name, "init_from": init_from, "pretrained": pretrained}
@@ -163,10 +171,10 @@ class VLMModule(LightningModule):
         for part, lr in self.lrs.items():
             if lr == 0:  # frozen: no gradients, and eval mode (Lightning keeps it), so a frozen CNN's batch norms use
                 getattr(self.vlm, part).requires_grad_(False).eval()  # and keep their saved statistics
-        if lora is not None:
+        if self.lora is not None:
             if lr_decoder == 0:
                 raise VLMError("model.lora trains decoder adapters: set model.lr_decoder > 0")
-            self.vlm.decoder = add_lora(self.vlm.decoder, lora)
+            self.vlm.decoder = add_lora(self.vlm.decoder, self.lora)
         # The KV cache is for generation; training forwards must not build one.
         self.vlm.decoder.config.use_cache = False
         if gradient_checkpointing:
@@ -217,7 +225,14 @@ class VLMModule(LightningModule):
 
     def training_record(self) -> dict[str, Any]:
         """The facts of this run up to now: where the model started, the data and its row counts, learning rates,
-        steps, batch size, hardware, wall time, the last losses, software versions (see `vlm.model_card`)."""
+        steps, batch size, hardware, wall time, the last losses, software versions (see `vlm.model_card`).
+
+        How far training went, in one unit each: `steps`, the optimizer steps taken; `epochs_seen`, the passes over
+        the training rows they make (steps x accumulate_grad_batches / batches per epoch per device, e.g. 0.379);
+        `epochs_completed`, the whole passes among them (its integer part). Both are None for streamed data, whose
+        epoch length is unknown. (Lightning's own `current_epoch` is not recorded: a run stopped by `max_steps`
+        mid-epoch counts that epoch as finished.)
+        """
         import datetime
 
         import lightning
@@ -248,8 +263,8 @@ class VLMModule(LightningModule):
             record.update(
                 data=datamodule.describe() if hasattr(datamodule, "describe") else "unknown (not a VLMDataModule)",
                 steps=trainer.global_step,
-                epoch=trainer.current_epoch,
                 epochs_seen=round(passes, 3) if passes is not None else None,
+                epochs_completed=math.floor(passes) if passes is not None else None,
                 batch_size=batch,
                 accumulate_grad_batches=accumulate,
                 global_batch_size=batch * accumulate * trainer.world_size if batch else None,
@@ -381,7 +396,7 @@ class VLMModule(LightningModule):
     # ---- always-on callbacks ----
 
     def configure_callbacks(self) -> list[Callback]:
-        from vlm.train.callbacks import DataHealth, RunArtifacts
+        from vlm.train.callbacks import DataHealth, InterruptedWrites, RunArtifacts
 
         # Lightning's ThroughputMonitor counts each batch's samples (a packed row holds several) and, as its items,
         # real tokens (padding excluded); it logs train/device/items_per_sec (tokens/s of one device) and, on several
@@ -390,4 +405,4 @@ class VLMModule(LightningModule):
         throughput = ThroughputMonitor(
             batch_size_fn=itemgetter("num_samples"), length_fn=itemgetter("num_tokens"), window_size=THROUGHPUT_WINDOW
         )
-        return [DataHealth(), throughput, RunArtifacts()]
+        return [InterruptedWrites(), DataHealth(), throughput, RunArtifacts()]

@@ -7,6 +7,7 @@ everything goes to a temporary sibling folder that replaces the target in one re
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
 from vlm.config import CONFIG_FILE, WEIGHTS_FILE, VLMConfig
+from vlm.decoder import refuse_remote_code
 from vlm.errors import VLMError
 from vlm.files import atomic_folder, check_name_lengths
 from vlm.model import VisionLanguageModel
@@ -48,6 +50,7 @@ def _load(path: str | Path) -> tuple[VisionLanguageModel, Processor]:
     path = check_name_lengths(path, "model folder")
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise VLMError(f"not a vlm checkpoint folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}): {path}")
+    refuse_remote_code(path)
     config = VLMConfig.load(path / CONFIG_FILE)
     # A model saved without its processor takes the tokenizer its config names.
     processor = Processor.from_pretrained(path) if (path / PROCESSOR_FILE).is_file() else None
@@ -125,4 +128,13 @@ def open_model(model: str | None = None, device: str = "auto", dtype: str = "aut
             exit_code=1,
         )
     dev = resolve_device(device)
-    return load(path, dev, resolve_dtype(dtype, dev))
+    net, processor = load(path, dev, resolve_dtype(dtype, dev))
+    if model is None:
+        print(f"vlm: {default_model_note(net.config)}", file=sys.stderr)
+    return net, processor
+
+
+def default_model_note(config: VLMConfig) -> str:
+    """The line a command prints when it falls back to the default model: what that model knows."""
+    knows = (config.description or "see its model card").rstrip(". ")
+    return f"default model ({DEFAULT_MODEL_DIR.name}): {knows}. Use --model DIR for other images."

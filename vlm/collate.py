@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vlm.data import has_placeholders
 from vlm.errors import VLMError
 from vlm.processor import IGNORE_INDEX, Processor
 
@@ -32,7 +33,7 @@ def encode_sample(
     With `with_prompt`, question rows also carry the generation prompt (everything before the answer) and the
     reference answers, for generation-based accuracy during validation.
     """
-    ids, labels = processor.encode(messages, len(images))
+    ids, labels = processor.encode(messages, len(images), placeholders=has_placeholders(kind))
     if max_length is not None and len(ids) > max_length:
         raise VLMError(f"the row is {len(ids)} tokens, longer than data.max_length={max_length}")
     if all(label == IGNORE_INDEX for label in labels):

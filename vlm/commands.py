@@ -62,7 +62,8 @@ def caption(
 
     Args:
         inputs: Image files, folders and/or JSONL files (image paths relative to the JSONL file).
-        model: A vlm checkpoint folder (default: the shapes model under samples/).
+        model: A vlm checkpoint folder (default: samples/shapes-model/, which knows only the synthetic
+            shapes benchmark).
         output: Write JSONL here: each input row (or {"image": path}) plus "prediction", in input order.
         batch_size: Images per forward pass.
         device: Where to run: auto (CUDA when available), cpu or cuda.
@@ -98,7 +99,8 @@ def ask(
         image: The image file (with QUESTION).
         question: The question about IMAGE.
         input: A JSONL file of rows {"image": path relative to the file, "question": ...} instead.
-        model: A vlm checkpoint folder (default: the shapes model under samples/).
+        model: A vlm checkpoint folder (default: samples/shapes-model/, which knows only the synthetic
+            shapes benchmark).
         output: Write JSONL here: each input row plus "prediction", in input order.
         batch_size: Questions per forward pass.
         device: Where to run: auto (CUDA when available), cpu or cuda.
@@ -130,53 +132,118 @@ def ask(
     return 2 if failed else 0
 
 
+CHAT_COMMANDS = """commands:
+  /help          list these commands
+  /reset         forget the conversation (the image stays)
+  /image PATH    talk about another image (the conversation starts afresh)
+  /exit          end the chat (so does Ctrl-D)"""
+
+
+def _read_turn(interactive: bool) -> str | None:
+    """The next line the user typed, stripped; None at the end of input. In a terminal, Ctrl-C drops the line."""
+    if not interactive:
+        text = sys.stdin.readline()
+        return text.strip() if text else None
+    while True:
+        try:
+            return input("you> ").strip()
+        except EOFError:  # Ctrl-D
+            print(file=sys.stderr)
+            return None
+        except KeyboardInterrupt:  # as in a shell: forget the line, ask again
+            print(file=sys.stderr)
+
+
+def _chat_command(text: str, state: dict) -> bool:
+    """Runs a chat command (`/help`, `/reset`, `/image PATH`, `/exit`) on the session `state` ("image", "pixels",
+    "history"); False when the chat should end. A bad command or image is one line on stderr; the chat goes on."""
+    from vlm.images import load_image
+
+    name, _, arg = text.partition(" ")
+    arg = arg.strip()
+    if name in ("/exit", "/quit"):
+        return False
+    if name == "/help":
+        print(CHAT_COMMANDS, file=sys.stderr)
+    elif name == "/reset":
+        state["history"] = []
+        print("(conversation forgotten)", file=sys.stderr)
+    elif name == "/image" and arg:
+        try:
+            state["pixels"] = [load_image(arg)]
+        except VLMError as e:
+            print(f"vlm: error: {e}", file=sys.stderr)
+            return True
+        state["image"], state["history"] = arg, []
+        print(f"(now talking about {arg}; conversation forgotten)", file=sys.stderr)
+    elif name == "/image":
+        print("vlm: error: /image needs a path: /image PATH", file=sys.stderr)
+    else:
+        print(f"vlm: error: unknown command {name}; /help lists the commands", file=sys.stderr)
+    return True
+
+
 def chat(
     image: str,
     model: str | None = None,
     device: Device = "auto",
     dtype: DType = "auto",
+    verbose: bool = False,
     gen: GenerationOptions | None = None,
 ) -> int:
-    """Talk about an image, turn by turn. Reads your turns from the terminal or stdin; /exit or end of input ends.
+    """Talk about an image, turn by turn. Reads your turns from the terminal (with line editing and history) or stdin;
+    /help lists the commands (/reset, /image PATH, /exit); /exit or end of input (Ctrl-D) ends.
 
     Args:
         image: The image to talk about.
-        model: A vlm checkpoint folder (default: the shapes model under samples/).
+        model: A vlm checkpoint folder (default: samples/shapes-model/, which knows only the synthetic
+            shapes benchmark).
         device: Where to run: auto (CUDA when available), cpu or cuda.
         dtype: Weights' precision: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.
+        verbose: Show on stderr each question exactly as it is sent to the model, with its turn in the conversation.
         gen: Generation options.
     """
+    from vlm.checkpoint import DEFAULT_MODEL_DIR
     from vlm.images import load_image
 
     gen = gen or GenerationOptions()
-    pixels = [load_image(image)]
-    net, processor = _open(model, device, dtype)
+    state = {"image": image, "pixels": [load_image(image)], "history": []}
     interactive = sys.stdin.isatty()
-    history: list[dict[str, str]] = []
-    while True:
-        try:
-            text = input("you> ") if interactive else sys.stdin.readline()
-        except EOFError:
-            break
-        if not interactive and text == "":
-            break  # end of input
-        text = text.strip()
-        if text in ("/exit", "/quit"):
-            break
+    if interactive:
+        import readline  # noqa: F401  (importing it gives input() line editing and history)
+
+        print(f"loading {model or DEFAULT_MODEL_DIR}...", file=sys.stderr, flush=True)
+    net, processor = _open(model, device, dtype)
+    if interactive:
+        print(
+            f"vlm chat: model {model or DEFAULT_MODEL_DIR}, image {image}\n"
+            "Ask about the image; /help lists the commands, /exit or Ctrl-D ends.",
+            file=sys.stderr,
+        )
+    while (text := _read_turn(interactive)) is not None:
+        if text.startswith("/"):
+            if not _chat_command(text, state):
+                break
+            continue
         if not text:
             continue
+        if verbose:
+            turn = len(state["history"]) // 2 + 1
+            print(f"turn {turn}, question sent: {json.dumps(text, ensure_ascii=False)}", file=sys.stderr, flush=True)
         # No placeholder here: the processor puts the image into the conversation's first user turn, where the model
         # reads it (before the text, or after it with images_after_text), every turn alike.
         if interactive:
             print("vlm> ", end="", flush=True)
         try:
-            answer = generate_texts(net, processor, [text], [pixels], gen, [history], stream=interactive)[0]
+            answer = generate_texts(
+                net, processor, [text], [state["pixels"]], gen, [state["history"]], stream=interactive
+            )[0]
         except VLMError as e:  # e.g. the conversation outgrew the context: say so, keep the session
             print(f"vlm: error: {e}", file=sys.stderr)
             continue
         if not interactive:
             print(answer, flush=True)
-        history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+        state["history"] += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
     return 0
 
 

@@ -91,6 +91,12 @@ class VLMConfig:
     # The longest answer (in tokens) the training recipe generated for validation (`model.max_new_tokens`): `vlm eval`
     # generates this many for question rows unless told otherwise, so a model is scored as it was validated.
     answer_tokens: int | None = None
+    # How the model's answers are scored when they carry more than the answer (e.g. steps, then the answer): a regular
+    # expression whose last match (its group, if it has one) is the answer. `vlm eval` uses it unless told otherwise.
+    answer_regex: str | None = None
+    # What the model knows, in a sentence: printed when a command falls back to the default model, and at the top of
+    # the model card, so nobody mistakes a model of synthetic shapes for one that describes photos.
+    description: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -73,8 +73,19 @@ class Example:
         return next(m["content"] for m in self.messages if m["role"] == "user")
 
     @property
+    def placeholders(self) -> bool:
+        """Whether `<image>` in the row's text marks where its images go (see `has_placeholders`)."""
+        return has_placeholders(self.kind)
+
+    @property
     def has_target(self) -> bool:
         return bool(self.messages) and self.messages[-1]["role"] == "assistant"
+
+
+def has_placeholders(kind: str) -> bool:
+    """Whether `<image>` in the text of a row of this kind marks where its images go: in conversations, where the data
+    format documents it; in a question it is plain text, like any other special token written in it."""
+    return kind == "conversation"
 
 
 def _image_paths(row: dict[str, Any], base: Path) -> list[Path]:

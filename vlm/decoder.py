@@ -4,23 +4,37 @@ A source is a hub id, a local transformers folder, a `.gguf` file, or `package:<
 installed Python package, found without importing the package. A GGUF file is converted once (dequantized
 weights + tokenizer) into a transformers folder under the cache (`$VLM_CACHE`, else `~/.cache/vlm`), and every
 later load reads that folder, which is much faster than parsing the GGUF again.
+
+vlm never runs code that comes with a model: every transformers load passes `trust_remote_code=False`, and a local
+folder that asks for its own code is refused before transformers reads it (`refuse_remote_code`).
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    CONFIG_MAPPING,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
 from vlm.config import DecoderConfig
 from vlm.errors import VLMError
 from vlm.files import atomic_folder
 
 PACKAGE_PREFIX = "package:"
+# The files of a model folder where transformers finds `auto_map`, its pointer to Python files shipped in the folder.
+CODE_POINTER_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
 
 
 def cache_root() -> Path:
@@ -73,7 +87,7 @@ def gguf_folder(path: str | Path) -> Path:
 
 def _convert_gguf(path: Path, out: Path) -> None:
     """Dequantizes a GGUF file into a transformers folder (config, model.safetensors, tokenizer)."""
-    kwargs = {"gguf_file": path.name}
+    kwargs = {"gguf_file": path.name, "trust_remote_code": False}
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), **kwargs)
@@ -87,19 +101,50 @@ def _convert_gguf(path: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _remote_code_reason(name: str, settings: dict) -> str | None:
+    """Why the settings of file `name` of a model folder need the folder's own code, or None."""
+    if "auto_map" in settings:
+        return f"auto_map in {name}"
+    model_type = settings.get("model_type") if name == "config.json" else None
+    if model_type is not None and model_type not in CONFIG_MAPPING:
+        return f"model_type {model_type!r} in {name}, which transformers does not know"
+    tokenizer_class = settings.get("tokenizer_class") if name == "tokenizer_config.json" else None
+    if tokenizer_class is not None and tokenizer_class_from_name(tokenizer_class) is None:
+        return f"tokenizer_class {tokenizer_class!r} in {name}, which transformers does not know"
+    return None
+
+
+def refuse_remote_code(folder: str | Path) -> None:
+    """Raises `VLMError` for a model folder that asks to run its own code: an `auto_map` in its config files, or a
+    model type or tokenizer class that transformers does not know (only code shipped with the folder could build it).
+    """
+    folder = Path(folder)
+    for name in CODE_POINTER_FILES:
+        try:
+            settings = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # absent or unreadable: the loader that needs it says so
+        reason = _remote_code_reason(name, settings) if isinstance(settings, dict) else None
+        if reason is not None:
+            raise VLMError(f"{folder} asks to run its own code ({reason}); vlm never runs code from a model folder")
+
+
 def resolve_source(source: str) -> str:
-    """What transformers' `from_pretrained` reads for a source: `package:` paths found, GGUF files converted."""
+    """What transformers' `from_pretrained` reads for a source: `package:` paths found, GGUF files converted, local
+    folders checked by `refuse_remote_code`."""
     if source.startswith(PACKAGE_PREFIX):
         source = str(package_file(source))
     if source.endswith(".gguf"):
         return str(gguf_folder(source))
+    if Path(source).is_dir():
+        refuse_remote_code(source)
     return source
 
 
 def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
     """A tokenizer from a local folder, a GGUF file, a `package:` path or a hub id."""
     try:
-        return AutoTokenizer.from_pretrained(resolve_source(source))
+        return AutoTokenizer.from_pretrained(resolve_source(source), trust_remote_code=False)
     except OSError as e:
         raise VLMError(f"cannot load a tokenizer from {source!r}: {str(e).splitlines()[0]}") from e
 
@@ -113,18 +158,20 @@ def build_decoder(cfg: DecoderConfig, vocab_size: int) -> PreTrainedModel:
         if not cfg.name_or_path:
             raise VLMError("decoder.pretrained needs decoder.name_or_path (a hub id, folder, .gguf or package: file)")
         try:
-            model = AutoModelForCausalLM.from_pretrained(resolve_source(cfg.name_or_path))
+            model = AutoModelForCausalLM.from_pretrained(resolve_source(cfg.name_or_path), trust_remote_code=False)
         except OSError as e:
             raise VLMError(f"cannot load decoder {cfg.name_or_path!r}: {str(e).splitlines()[0]}") from e
     else:
         hf = dict(cfg.hf_config)
+        if "auto_map" in hf:
+            raise VLMError("decoder.hf_config asks to run its own code (auto_map); vlm never runs code from a model")
         if "model_type" not in hf:
             raise VLMError("decoder.hf_config needs a model_type (e.g. llama) to build a decoder from scratch")
         try:
             config = AutoConfig.for_model(hf.pop("model_type"), **{**hf, "vocab_size": vocab_size})
         except (ValueError, KeyError) as e:
             raise VLMError(f"bad decoder.hf_config: {e}") from e
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     if model.get_input_embeddings().num_embeddings != vocab_size:
         model.resize_token_embeddings(vocab_size, mean_resizing=False)
     return model

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -78,6 +79,35 @@ def check_output_file(path: str | Path, what: str = "output") -> Path:
     return path
 
 
+# `atomic_file` writes NAME through `.NAME.PID.partial` beside it.
+PARTIAL_SUFFIX = ".partial"
+_PARTIAL = re.compile(r"^\..+\.(\d+)" + re.escape(PARTIAL_SUFFIX) + "$")
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process `pid` exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_interrupted_writes(folder: str | Path) -> list[Path]:
+    """Deletes the temporary files in `folder` that `atomic_file` calls that never finished left behind (their writer
+    was killed): those named like its temporary files whose writer's pid is not running. Returns what it deleted."""
+    folder = Path(folder)
+    removed = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        match = _PARTIAL.match(path.name)
+        if match and path.is_file() and not _alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
     """Opens a temporary file beside `path` (mode "w" for text in UTF-8, "wb" for bytes); when the block ends
@@ -85,7 +115,7 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
     `path` are created; `check_output_file`'s errors are raised before anything is written."""
     path = check_output_file(path)
     _make_parent(path)
-    tmp = path.with_name(f".{path.name[:200]}.{os.getpid()}.partial")
+    tmp = path.with_name(f".{path.name[:200]}.{os.getpid()}{PARTIAL_SUFFIX}")
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f

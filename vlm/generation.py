@@ -88,13 +88,17 @@ def generate_texts(
     options: GenerationOptions | None = None,
     history: list[list[dict[str, str]]] | None = None,
     stream: bool = False,
+    placeholders: list[bool] | None = None,
 ) -> list[str]:
     """Answers for a batch: sample i is `prompts[i]` about `images[i]` (after `history[i]`, if given).
+
+    The prompts are plain text; `placeholders[i]` says that `<image>` in prompt i marks where its images go instead
+    (a data file's conversation).
 
     With `stream`, tokens of a one-sample batch are printed to stdout as they are produced.
     """
     options = options or GenerationOptions()
-    batch = processor(prompts, images, history)
+    batch = processor(prompts, images, history, placeholders)
     limit = context_length(model.decoder)
     needed = batch["input_ids"].shape[1] + options.new_tokens
     if limit is not None and needed > limit:

@@ -35,6 +35,7 @@ class Item:
     # Where the images come from when they are not files (e.g. a datasets row): called when its batch is run,
     # so a large in-memory dataset is decoded batch by batch; raises VLMError for a bad image.
     source: Callable[[], list] | None = None
+    placeholders: bool = False  # `<image>` in the prompt marks the images (a data file's conversation), not text
 
     def result(self) -> dict[str, Any]:
         """The row as written out: its own fields, "prediction" (null for a failed item) and "error" if it failed."""
@@ -81,7 +82,7 @@ def items_from_jsonl(
             row = ex.row if isinstance(ex.row, dict) else {"line": ex.line}
             items.append(Item(row, [], "", error=str(ex), line=ex.line))
         else:
-            items.append(Item(ex.row, ex.images, ex.prompt, line=ex.line))
+            items.append(Item(ex.row, ex.images, ex.prompt, line=ex.line, placeholders=ex.placeholders))
     return items
 
 
@@ -131,8 +132,8 @@ def run_items(
 def _answer(items: list[Item], model, processor, gen: GenerationOptions, stream: bool) -> None:
     if not items:
         return
-    answers = generate_texts(
-        model, processor, [it.prompt for it in items], [it.pixels for it in items], gen, stream=stream
-    )
+    prompts, pixels = [it.prompt for it in items], [it.pixels for it in items]
+    placeholders = [it.placeholders for it in items]
+    answers = generate_texts(model, processor, prompts, pixels, gen, stream=stream, placeholders=placeholders)
     for it, answer in zip(items, answers):
         it.prediction = answer

@@ -269,8 +269,8 @@ def _training_summary(r: dict[str, Any]) -> list[str]:
         steps = f"{r['steps']:,} optimizer steps"
         if r.get("epochs_seen") is not None:
             steps += f" ({r['epochs_seen']} passes over the training rows)"
-        elif r.get("epoch") is not None:
-            steps += f" (Lightning epoch {r['epoch']})"
+        elif r.get("epochs_completed") is not None:
+            steps += f" (whole passes over the training rows: {r['epochs_completed']})"
         if r.get("global_batch_size"):
             world = (r.get("devices") or 1) * (r.get("num_nodes") or 1)
             steps += (
@@ -372,6 +372,7 @@ def render_model_card(model_dir: str | Path, digest: str | None = None) -> str:
         "",
         f"# {name}",
         "",
+        *([config["description"], ""] if config.get("description") else []),
         "A vision-language model of the vlm toolkit: a timm image encoder, a projector into the decoder's embedding "
         "space, and a transformers causal language model that reads the image tokens in place of each `<image>`.",
         "",

@@ -1,14 +1,18 @@
 """The processor: tokenizer + image transform + chat template, producing batched tensors.
 
-A conversation is a list of `{"role", "content"}` messages whose user turns contain one `<image>` placeholder
-per image. It is rendered with the tokenizer's chat template (or `DEFAULT_CHAT_TEMPLATE`) and tokenized in
-segments, prompt and answer apart, so the labels cover exactly the assistant's tokens, by construction.
+A conversation is a list of `{"role", "content"}` messages; its images go into its first user turn, or, in a data
+file's conversation, where its text has an `<image>` placeholder. It is rendered with the tokenizer's chat template
+(or `DEFAULT_CHAT_TEMPLATE`) and tokenized in segments, prompt and answer apart, so the labels cover exactly the
+assistant's tokens, by construction. The messages' text is tokenized apart from the template, so a special token
+written in it (a turn marker, an image placeholder) is plain text: only the template and the images' places make
+special tokens.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -103,6 +107,41 @@ def tokenizer_for(config: VLMConfig) -> PreTrainedTokenizerBase:
     tokenizer = load_tokenizer(source)
     add_image_token(tokenizer, config.image_token)
     return tokenizer
+
+
+class ImageSlot:
+    """Where an image goes among a message's text parts (`IMAGE`, the one instance)."""
+
+    def __repr__(self) -> str:
+        return "IMAGE"
+
+
+IMAGE = ImageSlot()
+
+
+def _interleave(texts: list[str], item: ImageSlot) -> list[str | ImageSlot]:
+    """The texts with `item` between each two: what a text split at its placeholders was."""
+    return [x for k, text in enumerate(texts) for x in ([item, text] if k else [text])]
+
+
+def _joined(parts: list[str | ImageSlot]) -> list[str | ImageSlot]:
+    """The parts with adjacent texts joined and empty ones dropped."""
+    out: list[str | ImageSlot] = []
+    for part in parts:
+        if part is IMAGE or not out or out[-1] is IMAGE:
+            out.append(part)
+        else:
+            out[-1] += part
+    return [part for part in out if part != ""]
+
+
+def _marker(texts: list[str]) -> str:
+    """A string found in none of `texts` (a private-use character, repeated as often as needed), to mark where the
+    messages' text goes in a rendered template."""
+    marker = "\ue000"
+    while any(marker in text for text in texts):
+        marker += "\ue000"
+    return marker
 
 
 class Processor:
@@ -202,20 +241,28 @@ class Processor:
 
     # ---- text -------------------------------------------------------------------------------------------
 
-    def with_placeholders(self, messages: list[dict[str, str]], num_images: int) -> list[dict[str, str]]:
-        """Checks the `<image>` placeholders; a conversation with none gets them in its first user turn, before its
-        text (or after it, with `images_after_text`)."""
-        found = sum(m["content"].count(self.image_token) for m in messages)
+    def image_parts(
+        self, messages: list[dict[str, str]], num_images: int, placeholders: bool = False
+    ) -> list[list[str | ImageSlot]]:
+        """Each message's content as parts: text (str) and images (`IMAGE`).
+
+        With `placeholders`, each `<image>` in the text is an image (the data format's conversations); otherwise the
+        text is all text, `<image>` included. A conversation with no image parts gets them in its first user turn,
+        one per line before its text (after it, with `images_after_text`)."""
+        contents = [m["content"] for m in messages]
+        if placeholders:
+            parts = [_joined(_interleave(c.split(self.image_token), IMAGE)) for c in contents]
+        else:
+            parts = [[c] for c in contents]
+        found = sum(part is IMAGE for p in parts for part in p)
         if found == num_images:
-            return messages
-        if found == 0 and messages and messages[0]["role"] in ("user", "system"):
-            first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
-            if first_user is not None:
-                messages = [dict(m) for m in messages]
-                text, token = messages[first_user]["content"], self.image_token
-                after = text + f"\n{token}" * num_images
-                messages[first_user]["content"] = after if self.images_after_text else f"{token}\n" * num_images + text
-                return messages
+            return parts
+        first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+        if found == 0 and first_user is not None and messages[0]["role"] in ("user", "system"):
+            lines = [IMAGE, "\n"] * num_images
+            text = parts[first_user]
+            parts[first_user] = _joined(text + lines[::-1] if self.images_after_text else lines + text)
+            return parts
         raise VLMError(f"the conversation has {found} {self.image_token} placeholders for {num_images} images")
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
@@ -223,47 +270,99 @@ class Processor:
             messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of text from a user or a data file: special tokens written in it are plain text."""
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def _template_ids(self, text: str) -> list[int]:
+        """Token ids of what the chat template wrote, its special tokens and image tokens included; each image token
+        is expanded to `num_image_tokens` ids."""
+        ids: list[int] = []
+        for tok in self.tokenizer(text, add_special_tokens=False)["input_ids"]:
+            ids += [tok] * (self.num_image_tokens if tok == self.image_token_id else 1)
+        return ids
+
     def encode(
-        self, messages: list[dict[str, str]], num_images: int = 0, add_generation_prompt: bool = False
+        self,
+        messages: list[dict[str, str]],
+        num_images: int = 0,
+        add_generation_prompt: bool = False,
+        placeholders: bool = False,
     ) -> tuple[list[int], list[int]]:
         """Token ids and labels for one conversation; labels are IGNORE_INDEX except on assistant turns.
 
-        With `add_generation_prompt` the ids end with the assistant prompt, ready for generation.
-        Image placeholders are expanded to `num_image_tokens` image-token ids each.
+        With `add_generation_prompt` the ids end with the assistant prompt, ready for generation. Images are placed
+        by `image_parts` (`placeholders`: whether `<image>` in the text marks them) and expanded to
+        `num_image_tokens` image-token ids each.
+
+        The messages' text is tokenized apart from the template: the template is rendered with a marker in place of
+        each text, and only what the template itself writes can be a special token (a turn, an image, an end of
+        text); a special token written in a message is plain text.
         """
-        messages = self.with_placeholders(messages, num_images)
-        segments: list[tuple[str, bool]] = []  # (text, is_answer)
+        parts = self.image_parts(messages, num_images, placeholders)
+        marker = _marker([self.chat_template, *(m["content"] for m in messages)])
+        texts: list[str] = []  # the messages' text, in the order of the markers' numbers
+        masked = [{"role": m["role"], "content": self._masked(p, marker, texts)} for m, p in zip(messages, parts)]
+        segments: list[tuple[str, bool]] = []  # (rendered text with markers, is_answer)
         done = ""
-        for i, m in enumerate(messages):
+        for i, m in enumerate(masked):
             if m["role"] != "assistant":
                 continue
-            prompt = self._render(messages[:i], add_generation_prompt=True)
-            full = self._render(messages[: i + 1], add_generation_prompt=False)
+            prompt = self._render(masked[:i], add_generation_prompt=True)
+            full = self._render(masked[: i + 1], add_generation_prompt=False)
             if not (prompt.startswith(done) and full.startswith(prompt)):
                 raise VLMError("the chat template does not render conversations prefix by prefix; cannot mask labels")
             segments += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
             done = full
-        end = self._render(messages, add_generation_prompt=add_generation_prompt)
+        end = self._render(masked, add_generation_prompt=add_generation_prompt)
         segments.append((end[len(done) :], False))
         ids: list[int] = []
         labels: list[int] = []
-        for text, is_answer in segments:
-            if not text:
-                continue
-            for tok in self.tokenizer(text, add_special_tokens=False)["input_ids"]:
-                n = self.num_image_tokens if tok == self.image_token_id else 1
-                ids += [tok] * n
-                labels += [tok if is_answer else IGNORE_INDEX] * n
+        for rendered, is_answer in segments:
+            for n, piece in enumerate(re.split(f"{marker}(\\d+){marker}", rendered)):
+                if marker in piece:
+                    raise VLMError("the chat template changes the text of messages; vlm cannot keep it apart")
+                if piece:
+                    piece_ids = self.text_ids(texts[int(piece)]) if n % 2 else self._template_ids(piece)
+                    ids += piece_ids
+                    labels += piece_ids if is_answer else [IGNORE_INDEX] * len(piece_ids)
         if self.max_length is not None and len(ids) > self.max_length:
             raise VLMError(f"the conversation is {len(ids)} tokens, longer than the decoder's {self.max_length}")
         return ids, labels
 
-    def prompt(self, text: str, num_images: int = 1, history: list[dict[str, str]] | None = None) -> list[int]:
-        """Token ids for one user turn (after an optional history), ending with the assistant prompt."""
+    def _masked(self, parts: list[str | ImageSlot], marker: str, texts: list[str]) -> str:
+        """A message's content as the template sees it: each image the image token, each text its number in `texts`
+        (where it is appended) between two markers. A newline between an image and text is the template's: a LLaVA
+        template's prologue (`vlm.llava.templates`) takes the one after an image for the layout, not the text."""
+        out = []
+        for k, part in enumerate(parts):
+            if part is IMAGE:
+                out.append(self.image_token)
+                continue
+            before = "\n" if k > 0 and parts[k - 1] is IMAGE and part.startswith("\n") else ""
+            rest = part[len(before) :]
+            after = "\n" if k + 1 < len(parts) and parts[k + 1] is IMAGE and rest.endswith("\n") else ""
+            core = rest[: len(rest) - len(after)]
+            out.append(before)
+            if core:
+                out.append(f"{marker}{len(texts)}{marker}")
+                texts.append(core)
+            out.append(after)
+        return "".join(out)
+
+    def prompt(
+        self,
+        text: str,
+        num_images: int = 1,
+        history: list[dict[str, str]] | None = None,
+        placeholders: bool = False,
+    ) -> list[int]:
+        """Token ids for one user turn (after an optional history), ending with the assistant prompt. `<image>` in
+        the text is plain text unless `placeholders` (a data file's conversation)."""
         if not text.strip():
             raise VLMError("the question is empty")
         messages = [*(history or []), {"role": "user", "content": text}]
-        return self.encode(messages, num_images, add_generation_prompt=True)[0]
+        return self.encode(messages, num_images, add_generation_prompt=True, placeholders=placeholders)[0]
 
     def pad(
         self, sequences: list[list[int]], padding_side: str, labels: list[list[int]] | None = None
@@ -286,13 +385,18 @@ class Processor:
         return batch
 
     def __call__(
-        self, prompts: list[str], images: list[list[Image.Image]], history: list[list[dict[str, str]]] | None = None
+        self,
+        prompts: list[str],
+        images: list[list[Image.Image]],
+        history: list[list[dict[str, str]]] | None = None,
+        placeholders: list[bool] | None = None,
     ) -> dict[str, Any]:
-        """A left-padded generation batch: one prompt and its images (possibly none) per sample."""
+        """A left-padded generation batch: one prompt and its images (possibly none) per sample; `placeholders[i]`
+        says whether `<image>` in prompt i marks its images (see `prompt`)."""
         if len(prompts) != len(images):
             raise VLMError(f"{len(prompts)} prompts for {len(images)} image lists")
         seqs = [
-            self.prompt(p, len(imgs), history[i] if history else None)
+            self.prompt(p, len(imgs), history[i] if history else None, bool(placeholders and placeholders[i]))
             for i, (p, imgs) in enumerate(zip(prompts, images))
         ]
         batch = self.pad(seqs, "left")

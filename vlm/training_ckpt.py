@@ -43,7 +43,7 @@ def export_state(meta: dict[str, Any], state_dict: dict[str, torch.Tensor], out_
 def checkpoint_record(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
     """The training record of a training checkpoint: the one `vlm fit` stored in it (`VLMModule.training_record` at
     the time of the save), or, for checkpoints from before vlm stored one, what Lightning's own fields tell (steps,
-    epoch, learning rates, hyperparameters); the data is then unknown and the record says so."""
+    epochs completed, learning rates, hyperparameters); the data is then unknown and the record says so."""
     now = datetime.datetime.now(datetime.timezone.utc)
     record = dict(ckpt["vlm"].get("training") or {})
     if not record:
@@ -64,8 +64,10 @@ def checkpoint_record(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
         written_by=f"vlm import-ckpt of {path}",
         exported_at=now.isoformat(timespec="seconds"),
         steps=ckpt.get("global_step"),
-        epoch=ckpt.get("epoch"),
     )
+    if "epochs_seen" not in record:  # an older record: Lightning's epoch of a checkpoint is the one it was saved in
+        record.pop("epoch", None)
+        record["epochs_completed"] = ckpt.get("epoch")
     return record
 
 

@@ -308,7 +308,9 @@ def _check_export(folder: Path, model: VisionLanguageModel, processor: Processor
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a check, not a load the user asked for
     try:
-        hf, info = LlavaForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+        hf, info = LlavaForConditionalGeneration.from_pretrained(
+            folder, output_loading_info=True, trust_remote_code=False
+        )
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()

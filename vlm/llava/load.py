@@ -15,7 +15,7 @@ from torch import Tensor
 
 from vlm.checkpoint import save_checkpoint
 from vlm.config import DecoderConfig, EncoderConfig, ProjectorConfig, VLMConfig
-from vlm.decoder import context_length, load_tokenizer
+from vlm.decoder import context_length, load_tokenizer, refuse_remote_code
 from vlm.errors import VLMError
 from vlm.files import free_folder
 from vlm.llava.keys import from_llava, legacy_key, timm_activation
@@ -42,8 +42,9 @@ def import_hf(src: str, out_dir: str) -> None:
 
     out = free_folder(out_dir)
     folder = _local_folder(src)
+    refuse_remote_code(folder)
     try:
-        hf = AutoConfig.from_pretrained(folder)
+        hf = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise VLMError(f"cannot read a transformers config from {src}: {str(e).splitlines()[0]}") from e
     if hf.model_type != "llava":
@@ -185,7 +186,7 @@ def _image_transform(folder: Path, image_size: int) -> ImageTransform:
     from transformers import AutoImageProcessor
 
     try:
-        ip = AutoImageProcessor.from_pretrained(folder)
+        ip = AutoImageProcessor.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise VLMError(f"cannot load the image processor from {folder}: {str(e).splitlines()[0]}") from e
     # With a crop, the crop is the tower's input: vlm resizes the whole image to that size instead,
