@@ -27,8 +27,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from vlm.data import json_lines
 from vlm.errors import VLMError
-from vlm.files import write_json, write_jsonl
+from vlm.files import check_input_file, check_output_file, write_json, write_jsonl
 from vlm.generation import GenerationOptions
 from vlm.inference import Device, DType, Item, items_from_jsonl, run_items
 from vlm.model_card import format_metric, metric_rows
@@ -144,17 +145,11 @@ def _resolve_task(task: str, data: _Data) -> str:
 def _apply_predictions(path: str, data: _Data) -> None:
     """Fills the items' predictions from a JSONL file with one row per data row, in data order."""
     file = Path(path)
-    if not file.is_file():
-        raise VLMError(f"predictions file not found: {file}")
     rows: list[tuple[int, Any]] = []
-    with file.open(encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                rows.append((number, json.loads(text)))
-            except json.JSONDecodeError as e:
-                raise VLMError(f"{file}:{number}: bad JSON ({e.msg})") from None
+    for line in json_lines(file, "predictions file"):
+        if line.error is not None:
+            raise VLMError(f"{file}:{line.number}: {line.error}")
+        rows.append((line.number, line.value))
     if len(rows) != len(data.items):
         raise VLMError(
             f"{file} has {len(rows)} predictions for the {len(data.items)} rows of {data.name}; "
@@ -307,8 +302,13 @@ def evaluate(
     if batch_size < 1:
         raise VLMError("batch_size must be at least 1")
     rx = _compile_answer_regex(answer_regex) if answer_regex is not None else None
-    if data.endswith(".jsonl") and not Path(data).is_file():  # before the model loads for nothing
-        raise VLMError(f"data file not found: {data}")
+    # Inputs and outputs are checked before the model loads for nothing.
+    if data.endswith(".jsonl"):
+        check_input_file(data, "data file")
+    if predictions is not None:
+        check_input_file(predictions, "predictions file")
+    if output is not None:
+        check_output_file(predictions_path(check_output_file(output)))
     gen = gen or GenerationOptions()
     net = processor = None
     model_dir = None
@@ -388,7 +388,6 @@ def evaluate(
     }
     if output is not None:
         out = Path(output)
-        out.parent.mkdir(parents=True, exist_ok=True)
         report["predictions"] = str(predictions_path(out))
         _write_predictions(predictions_path(out), rows.items, rx)
         write_json(out, report)

@@ -13,8 +13,11 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from PIL import Image
@@ -208,10 +211,35 @@ def vlm_command() -> list[str]:
     return [script] if script else [sys.executable, "-m", "vlm.cli"]
 
 
-def run_vlm(args: list, cwd: Path | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+def run_vlm(
+    args: list, cwd: Path | None = None, stdin: str | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """Runs the installed `vlm` console script (see `vlm_command`) in a subprocess, with `stdin` as its input if
-    given."""
+    given (else none); a run past `timeout` seconds fails the test (`TimeoutExpired`)."""
     env = {k: v for k, v in os.environ.items() if k != "VLM_DEBUG"}
+    feed = {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
     return subprocess.run(
-        [*vlm_command(), *map(str, args)], cwd=cwd, env=env, input=stdin, capture_output=True, text=True, timeout=300
+        [*vlm_command(), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, **feed
     )
+
+
+def finishes_within(seconds: float, fn: Callable[[], Any]) -> Any:
+    """`fn()`'s result (or its exception), or a test failure when it has not returned after `seconds`: for code
+    that hangs when it regresses (e.g. opening a named pipe), so the test fails instead of hanging the run."""
+    outcome: list = []
+
+    def call() -> None:
+        try:
+            outcome.append((True, fn()))
+        except BaseException as e:  # handed to the test's thread below
+            outcome.append((False, e))
+
+    threading.Thread(target=call, daemon=True).start()
+    deadline = time.monotonic() + seconds
+    while not outcome and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert outcome, f"did not finish within {seconds} s"
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value

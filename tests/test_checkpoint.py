@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import assert_same_weights, build_tiny, tiny_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import vlm.checkpoint as checkpoint
 from vlm.checkpoint import (
@@ -217,3 +220,56 @@ def test_config_round_trip_and_presets(tmp_path):
     assert VLMConfig.from_name("tiny").encoder.overrides["depth"] == 2  # presets hand out copies
     with pytest.raises(VLMError, match="unknown preset 'huge'"):
         VLMConfig.from_name("huge")
+
+
+# ---- property: whatever config.json holds, loading gives a model or one VLMError -----------------------------------
+
+_JSON_VALUES = st.none() | st.booleans() | st.integers(-3, 70) | st.floats(-2, 2) | st.text(max_size=12)
+_JSON_VALUES = _JSON_VALUES | st.lists(st.integers(-2, 9), max_size=3) | st.dictionaries(st.text(max_size=4), st.none())
+
+
+def _leaves(obj: dict, path: tuple = ()) -> list[tuple]:
+    """The key paths of a config's values (the leaves, and the parts and dicts themselves)."""
+    out = []
+    for key, value in obj.items():
+        out.append((*path, key))
+        if isinstance(value, dict):
+            out += _leaves(value, (*path, key))
+    return out
+
+
+def _load_or_vlm_error(folder: Path) -> None:
+    try:
+        load(folder)
+    except VLMError as e:
+        assert "\n" not in str(e) and e.exit_code == 2
+
+
+@pytest.fixture(scope="module")
+def fuzz_folder(tiny_checkpoint, tmp_path_factory) -> tuple[Path, dict]:
+    """A copy of the tiny checkpoint whose config.json the tests rewrite, and its original config."""
+    folder = tmp_path_factory.mktemp("fuzz") / "model"
+    shutil.copytree(tiny_checkpoint, folder)
+    return folder, json.loads((folder / CONFIG_FILE).read_text())
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.binary(max_size=200) | st.sampled_from([b"{}", b"[]", b"null", b"\xef\xbb\xbf{", b"[" * 5000]))
+def test_any_bytes_as_config_load_a_model_or_fail_in_one_line(fuzz_folder, content):
+    folder, _ = fuzz_folder
+    (folder / CONFIG_FILE).write_bytes(content)
+    _load_or_vlm_error(folder)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_value_in_any_config_field_loads_a_model_or_fails_in_one_line(fuzz_folder, data):
+    folder, config = fuzz_folder
+    path = data.draw(st.sampled_from(_leaves(config)))
+    changed = json.loads(json.dumps(config))
+    parent = changed
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1]] = data.draw(_JSON_VALUES)
+    (folder / CONFIG_FILE).write_text(json.dumps(changed))
+    _load_or_vlm_error(folder)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_same_weights, run_vlm, vlm_command
+from conftest import assert_same_weights, finishes_within, run_vlm, vlm_command
 
 from vlm.checkpoint import load, load_model
 from vlm.cli import main
@@ -556,3 +556,104 @@ def test_import_and_export_commands_say_what_they_wrote(script_checkpoint, tmp_p
         assert len(lines) == 1 and lines[0].startswith(line), result.stderr
     for folder in ("back", "from-ckpt"):
         assert_same_weights(load_model(tmp_path / folder), load_model(script_checkpoint))
+
+
+# ---- bad inputs and outputs: one line each, never a hang -----------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_script_named_pipes_are_one_line_errors_not_hangs(script_checkpoint, image_folder, tmp_path):
+    # Reading a named pipe blocks until something writes to it; every command must refuse it instead. The timeout
+    # makes a regression a failure rather than a hung test run.
+    os.mkfifo(tmp_path / "pipe.png")
+    shutil.copy(image_folder / "a.png", tmp_path / "a.png")
+    rows = [{"image": "pipe.png", "question": "Shape?"}, {"image": "a.png", "question": "Shape?"}]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = ["--model", script_checkpoint, "--max-new-tokens", "2"]
+    pipe = f"vlm: error: image {tmp_path / 'pipe.png'} is a named pipe, not a regular file"
+    for args, want in [
+        (["caption", "pipe.png", *model], [pipe]),
+        (["chat", "pipe.png", *model], [pipe]),
+        (["ask", "--input", "q.jsonl", *model], [pipe, "vlm: 1 of 2 items failed"]),  # the run goes on
+    ]:
+        result = run_vlm(args, tmp_path, timeout=120)
+        assert (result.returncode, result.stderr.replace("pipe.png", str(tmp_path / "pipe.png")).splitlines()) == (
+            2,
+            want,
+        ), args
+    assert result.stdout.startswith("a.png\t") and result.stdout.count("\n") == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_named_pipes_as_inputs_of_every_kind(capsys, varied_checkpoint, tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    for args, message in [
+        (["ask", tmp_path / "pipe.png", "Shape?"], f"image {tmp_path / 'pipe.png'} is a named pipe"),
+        (["ask", "--input", tmp_path / "pipe.jsonl"], f"input file {tmp_path / 'pipe.jsonl'} is a named pipe"),
+        (["caption", tmp_path / "pipe.jsonl"], f"data file {tmp_path / 'pipe.jsonl'} is a named pipe"),
+    ]:
+        code, out, err = finishes_within(60, lambda args=args: run(capsys, *args, "--model", varied_checkpoint))
+        assert (code, out, err) == (2, "", f"vlm: error: {message}, not a regular file\n")
+
+
+def test_a_jsonl_input_without_rows_is_one_line_error(capsys, varied_checkpoint, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"\xef\xbb\xbf\n   \n")
+    for args in (["caption", empty], ["ask", "--input", empty]):
+        code, out, err = run(capsys, *args, "--model", varied_checkpoint)
+        assert (code, out, err) == (2, "", f"vlm: error: no rows in {empty}\n")
+
+
+@pytest.mark.parametrize("command", ["caption", "ask"])
+def test_outputs_go_into_new_folders_and_never_onto_a_folder(
+    capsys, varied_checkpoint, image_folder, tmp_path, command
+):
+    inputs = [image_folder / "a.png"] if command == "caption" else [image_folder / "a.png", "Shape?"]
+    args = [command, *inputs, "--model", varied_checkpoint, "--max-new-tokens", N]
+    output = tmp_path / "new" / "deeper" / "out.jsonl"
+    code, _, err = run(capsys, *args, "--output", output)
+    assert (code, err) == (0, "") and len(output.read_text().splitlines()) == 1
+    (tmp_path / "folder").mkdir()
+    code, out, err = run(capsys, *args, "--output", tmp_path / "folder")
+    assert (code, out, err) == (2, "", f"vlm: error: output {tmp_path / 'folder'} is a folder; give a file name\n")
+    long = tmp_path / ("o" * 300 + ".jsonl")
+    code, out, err = run(capsys, *args, "--output", long)
+    assert (code, out, err) == (2, "", f"vlm: error: output name too long (306 bytes; the limit is 255): {long}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "new"]
+
+
+def test_a_file_name_too_long_as_input(capsys, varied_checkpoint, tmp_path):
+    image = tmp_path / ("i" * 300 + ".png")
+    code, out, err = run(capsys, "caption", image, "--model", varied_checkpoint)
+    assert (code, out, err) == (2, "", f"vlm: error: input name too long (304 bytes; the limit is 255): {image}\n")
+    model = tmp_path / ("m" * 300)
+    code, out, err = run(capsys, "caption", image, "--model", model)
+    assert (code, out, err) == (
+        2,
+        "",
+        f"vlm: error: model folder name too long (300 bytes; the limit is 255): {model}\n",
+    )
+    data = tmp_path / ("d" * 300 + ".jsonl")
+    code, out, err = run(capsys, "ask", "--input", data, "--model", varied_checkpoint)
+    assert (code, out, err) == (2, "", f"vlm: error: input file name too long (306 bytes; the limit is 255): {data}\n")
+
+
+@pytest.mark.parametrize("value", ["lots", "-1"])
+def test_a_bad_pixel_limit_is_one_line_for_the_whole_run(capsys, monkeypatch, varied_checkpoint, image_folder, value):
+    monkeypatch.setenv("VLM_MAX_IMAGE_PIXELS", value)
+    code, out, err = run(capsys, "caption", image_folder, "--model", varied_checkpoint, "--max-new-tokens", N)
+    assert (code, out) == (2, "")
+    assert_one_line_error(code, err, f"VLM_MAX_IMAGE_PIXELS={value!r}", "0 or none for no limit")
+
+
+def test_a_model_whose_processor_file_has_std_0_is_refused(capsys, varied_checkpoint, image_folder, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(varied_checkpoint, model)
+    file = model / "processor_config.json"
+    meta = json.loads(file.read_text())
+    meta["transform"]["std"] = [0.0, 0.0, 0.0]
+    file.write_text(json.dumps(meta))
+    code, out, err = run(capsys, "caption", image_folder / "a.png", "--model", model)
+    message = f"{file}: transform.std must be three positive numbers, got [0.0, 0.0, 0.0]"
+    assert (code, out, err) == (2, "", f"vlm: error: {message}\n")

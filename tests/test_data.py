@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import finishes_within
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vlm.data import Example, RowError, parse_row, read_jsonl
 from vlm.errors import VLMError
@@ -163,6 +168,104 @@ def test_missing_data_file(tmp_path):
         _read(tmp_path / "missing.jsonl")
 
 
+@pytest.mark.parametrize("content", [b"", b"\n", b"  \n\n\t\r\n", b"\xef\xbb\xbf", b"\xef\xbb\xbf\n \n"])
+def test_a_file_with_no_rows_is_an_error(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(VLMError) as err:
+        _read(path)
+    assert str(err.value) == f"no rows in {path}"
+
+
+def test_a_file_of_broken_rows_is_not_empty(tmp_path):
+    path = _write(tmp_path / "d.jsonl", ["{oops"])
+    assert [str(e) for e in _read(path)] == ["line 1: bad JSON (Expecting property name enclosed in double quotes)"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_named_pipe_as_data_file_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    with pytest.raises(VLMError) as err:
+        finishes_within(30, lambda: _read(tmp_path / "pipe.jsonl"))
+    assert str(err.value) == f"data file {tmp_path / 'pipe.jsonl'} is a named pipe, not a regular file"
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"question": "a?", "answer": "b"}\r\n{"question": "c?", "answer": "d"}\r\n')
+    first, second = _read(path)
+    assert (first.line, first.prompt, first.offset) == (1, "a?", 3)
+    assert (second.line, second.prompt) == (2, "c?")
+
+
+def test_a_line_that_is_not_utf8_is_one_broken_row_and_reading_goes_on(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good = '{"question": "a?", "answer": "b"}\n'
+    path.write_bytes(good.encode() + '{"question": "caf\u00e9?", "answer": "b"}\n'.encode("latin-1") + good.encode())
+    rows = _read(path)
+    assert [type(r).__name__ for r in rows] == ["Example", "RowError", "Example"]
+    assert str(rows[1]) == "line 2: not valid UTF-8 (byte 0xe9 at column 18)"
+    assert rows[2].line == 3
+
+
+def test_a_line_above_the_limit_is_a_broken_row(tmp_path, monkeypatch):
+    import vlm.data
+
+    monkeypatch.setattr(vlm.data, "_CHUNK_BYTES", 16)  # lines span many chunks
+    monkeypatch.setattr(vlm.data, "MAX_LINE_BYTES", 100)
+    at_limit = json.dumps({"question": "q" * 60, "answer": "b"})  # 91 bytes, padded to 100
+    at_limit = at_limit[:-1] + " " * (100 - len(at_limit)) + "}"
+    assert len(at_limit) == 100
+    over = json.dumps({"question": "x" * 200, "answer": "b"})
+    path = _write(tmp_path / "long.jsonl", [at_limit, at_limit + " ", {"question": "c?", "answer": "d"}, over])
+    rows = _read(path)
+    assert [r.line for r in rows] == [1, 2, 3, 4]
+    assert isinstance(rows[0], Example) and isinstance(rows[2], Example)
+    assert [str(rows[k]) for k in (1, 3)] == [
+        "line 2: line longer than 100 bytes",
+        "line 4: line longer than 100 bytes",
+    ]
+
+
+def test_a_50_mb_line_is_never_held_whole(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "huge.jsonl"
+    with path.open("wb") as f:
+        f.write(b'{"question": "')
+        for _ in range(50):
+            f.write(b"x" * (1 << 20))
+        f.write(b'", "answer": "b"}\n{"question": "c?", "answer": "d"}\n')
+    tracemalloc.start()
+    try:
+        rows = _read(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(rows[0]) == "line 1: line longer than 1,048,576 bytes"
+    assert rows[1].prompt == "c?"
+    assert peak < 4 * (1 << 20), f"{peak:,} bytes held while reading"
+
+
+def test_lines_json_cannot_read_are_broken_rows(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"[" * 100_000 + b"\n" + b"9" * 5000 + b'\n"\\ud800"\n')
+    deep, digits, surrogate = _read(path)
+    assert str(deep) == "line 1: bad JSON (nested too deeply)"
+    if hasattr(sys, "set_int_max_str_digits"):  # Python 3.11 on; 3.10 reads the number, not an object either
+        assert str(digits) == "line 2: bad JSON (Exceeds the limit (4300 digits) for integer string conversion)"
+    else:
+        assert str(digits) == "line 2: a row must be a JSON object"
+    assert str(surrogate) == "line 3: a row must be a JSON object"  # JSON allows it; the row is still broken
+
+
+def test_offsets_point_at_each_row(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [{"question": f"q{i}?", "answer": "é"} for i in range(3)])
+    data = path.read_bytes()
+    for ex in _read(path):
+        assert json.loads(data[ex.offset :].split(b"\n")[0]) == ex.row
+
+
 def test_unicode_rows(tmp_path):
     path = _write(tmp_path / "u.jsonl", [{"question": "¿qué color? 你好", "answer": "rojo ✓"}])
     (ex,) = _read(path)
@@ -263,3 +366,41 @@ def test_open_hf_dataset_reads_saved_folders_and_data_files(tmp_path):
     with pytest.raises(VLMError, match=r"^cannot load dataset .*bad.parquet' \(split 'train'\): ") as e:
         open_hf_dataset(str(tmp_path / "bad.parquet"), "train", cache_dir=str(tmp_path / "cache"))
     assert "\n" not in str(e.value)
+
+
+# ---- property: whatever bytes a JSONL file holds, the reader yields rows or RowErrors, and finishes ---------------
+
+_FRAGMENTS = [
+    b"\n",
+    b"\r\n",
+    b"\r",
+    b"\xef\xbb\xbf",
+    b'{"question": "q?", "answer": "a"}',
+    b'{"image": "x.png", "caption": "c"}',
+    b'{"conversations": [{"from": "human", "value": "hi"}]}',
+    b"\xff\xc3",  # not UTF-8
+    b'"\\ud800"',  # a lone surrogate
+    b"x" * 300,  # with the limit patched to 256 below, a line above it
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(content=st.binary(max_size=400) | st.lists(st.sampled_from(_FRAGMENTS) | st.binary(max_size=8)).map(b"".join))
+def test_any_bytes_as_jsonl_give_rows_or_row_errors(tmp_path_factory, content):
+    import vlm.data
+
+    path = tmp_path_factory.mktemp("fuzz") / "d.jsonl"
+    path.write_bytes(content)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vlm.data, "MAX_LINE_BYTES", 256)
+        patch.setattr(vlm.data, "_CHUNK_BYTES", 64)
+        try:
+            rows = finishes_within(10, lambda: _read(path))
+        except VLMError as e:  # the one error: a file without rows
+            assert str(e) == f"no rows in {path}"
+            assert not content.removeprefix(b"\xef\xbb\xbf").strip()
+            return
+    assert all(isinstance(r, (Example, RowError)) for r in rows)
+    numbers = [r.line for r in rows]
+    lines = content.removeprefix(b"\xef\xbb\xbf").split(b"\n")
+    assert numbers == sorted(set(numbers)) and len(rows) == sum(1 for line in lines if line.strip())

@@ -411,3 +411,38 @@ def test_vlm_eval_command_line(ckpt: Path, shapes: Path, tmp_path: Path, capsys:
     assert err == [f"vlm: error: {predictions_path(out)} has 5 predictions for the 40 rows of "
                    f"{(shapes / 'test.jsonl').resolve()}; it needs one row with a 'prediction' per data row, "
                    "in data order"]  # fmt: skip
+
+
+def test_empty_data_and_unwritable_outputs_are_refused_before_the_model_loads(shapes: Path, tmp_path: Path) -> None:
+    data = str(shapes / "test.jsonl")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    with pytest.raises(VLMError, match=rf"^no rows in {empty}$"):
+        evaluate(data=str(empty), predictions=data)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(VLMError, match=rf"^output {tmp_path / 'folder'} is a folder; give a file name$"):
+        evaluate(model="not read: the output is checked first", data=data, output=str(tmp_path / "folder"))
+    # The predictions file beside the report has the longer name: report.predictions.jsonl.
+    long = tmp_path / ("r" * 250 + ".json")
+    with pytest.raises(VLMError, match=r"^output name too long \(268 bytes; the limit is 255\): "):
+        evaluate(model="not read", data=data, output=str(long))
+
+
+def test_output_in_folders_that_do_not_exist_yet(shapes: Path, tmp_path: Path) -> None:
+    data = shapes / "test.jsonl"
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("".join(json.dumps(p) + "\n" for p in _hand_made_predictions(_read_jsonl(data))))
+    out = tmp_path / "new" / "deeper" / "scored.json"
+    evaluate(data=str(data), predictions=str(preds), output=str(out))
+    assert json.loads(out.read_text())["num_rows"] == 40
+    assert len(_read_jsonl(predictions_path(out))) == 40
+
+
+def test_a_predictions_file_with_a_bom_and_crlf_is_read(shapes: Path, tmp_path: Path) -> None:
+    data = shapes / "test.jsonl"
+    preds = tmp_path / "preds.jsonl"
+    rows = _hand_made_predictions(_read_jsonl(data))
+    preds.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(p) + "\r\n" for p in rows).encode())
+    out = tmp_path / "scored.json"
+    evaluate(data=str(data), predictions=str(preds), output=str(out))
+    assert json.loads(out.read_text())["metrics"] == {"vqa_accuracy": 0.5, "exact_match": 0.25}

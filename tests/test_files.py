@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
+from conftest import finishes_within
 
 from vlm.errors import VLMError
-from vlm.files import atomic_file, atomic_folder, read_json, write_json, write_jsonl, write_text
+from vlm.files import atomic_file, atomic_folder, check_input_file, read_json, write_json, write_jsonl, write_text
 
 
 class Boom(Exception):
@@ -98,3 +100,48 @@ def test_read_json_names_the_file_it_cannot_read(tmp_path):
     for name, message in cases.items():
         with pytest.raises(VLMError, match=message.replace("(", r"\(").replace(")", r"\)")):
             read_json(tmp_path / name)
+
+
+def test_a_file_is_written_below_folders_that_do_not_exist_yet(tmp_path):
+    write_text(tmp_path / "new" / "deeper" / "out.txt", "hi\n")
+    assert (tmp_path / "new" / "deeper" / "out.txt").read_text() == "hi\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("folder", "output {path} is a folder; give a file name"),
+        ("x" * 256, "output name too long (256 bytes; the limit is 255): {path}"),
+        ("blocker/out.txt", "cannot create the folder {parent}: File exists"),
+    ],
+)
+def test_an_output_that_cannot_be_written_is_refused_before_anything_is(tmp_path, name, message):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "blocker").write_text("a file where a folder is wanted")
+    path = tmp_path / name
+    with pytest.raises(VLMError) as err, atomic_file(path) as f:
+        f.write("never")
+    assert str(err.value) == message.format(path=path, parent=path.parent)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "folder"]
+
+
+def test_a_name_of_exactly_the_limit_is_written(tmp_path):
+    write_text(tmp_path / ("y" * 255), "ok")  # the temporary file beside it needs a shorter name of its own
+    assert (tmp_path / ("y" * 255)).read_text() == "ok"
+    assert [p.name for p in tmp_path.iterdir()] == ["y" * 255]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_only_regular_files_are_opened(tmp_path):
+    os.mkfifo(tmp_path / "pipe")  # opening it to read would block until a writer came
+    (tmp_path / "data.txt").write_text("x")
+    assert check_input_file(tmp_path / "data.txt", "input") == tmp_path / "data.txt"
+    for path, message in [
+        (tmp_path / "pipe", "input {path} is a named pipe, not a regular file"),
+        (tmp_path, "input {path} is a folder, not a regular file"),
+        (tmp_path / "absent", "input not found: {path}"),
+        (tmp_path / ("z" * 300), "input name too long (300 bytes; the limit is 255): {path}"),
+    ]:
+        with pytest.raises(VLMError) as err:
+            finishes_within(30, lambda path=path: check_input_file(path, "input"))
+        assert str(err.value) == message.format(path=path)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import finishes_within
 from PIL import Image
 
 from vlm.errors import VLMError
-from vlm.images import list_images, load_image, to_rgb
+from vlm.images import list_images, load_image, max_pixels, to_rgb
 
 
 def _rgb_pixels(img: Image.Image) -> set[tuple[int, int, int]]:
@@ -125,6 +127,18 @@ def test_missing_file_and_folder(tmp_path):
     _expect_error(tmp_path, "folder")
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_named_pipe_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")  # opening it to read would block until a writer came
+    message = finishes_within(30, lambda: _expect_error(tmp_path / "pipe.png"))
+    assert message == f"image {tmp_path / 'pipe.png'} is a named pipe, not a regular file"
+
+
+def test_a_name_longer_than_the_file_system_allows(tmp_path):
+    message = _expect_error(tmp_path / ("x" * 300 + ".png"), "(304 bytes; the limit is 255)")
+    assert message.startswith("image name too long")
+
+
 @pytest.mark.parametrize(
     ("name", "content"),
     [("notes.png", b"hello, I am text\n"), ("empty.jpg", b""), ("random.png", bytes(range(256)) * 4)],
@@ -175,6 +189,36 @@ def test_pixel_limit_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("VLM_MAX_IMAGE_PIXELS", "200")
     assert load_image(tmp_path / "img.png").size == (20, 10)
     _expect_error(tmp_path / "img.png", "too large", limit=100)
+
+
+@pytest.mark.parametrize(
+    ("value", "limit"), [("", 64_000_000), ("0", None), ("none", None), (" None ", None), ("1_000", 1000), ("1", 1)]
+)
+def test_pixel_limit_values(monkeypatch, value, limit):
+    monkeypatch.setenv("VLM_MAX_IMAGE_PIXELS", value)
+    assert max_pixels() == limit
+
+
+@pytest.mark.parametrize("value", ["0", "none"])
+def test_no_pixel_limit(tmp_path, monkeypatch, value):
+    # A header claiming 9000x9000 pixels (81 MP, above the default) is not refused as too large: decoding is tried,
+    # and fails only because the pixels are not there.
+    path = tmp_path / "big.png"
+    path.write_bytes(_png_header_only(9000, 9000))
+    monkeypatch.setenv("VLM_MAX_IMAGE_PIXELS", value)
+    message = _expect_error(path, "truncated")
+    assert "too large" not in message
+
+
+@pytest.mark.parametrize("value", ["lots", "-5", "1.5", "1e6", "64MP"])
+def test_a_bad_pixel_limit_is_one_line_naming_the_variable(tmp_path, monkeypatch, value):
+    Image.new("RGB", (20, 10)).save(tmp_path / "img.png")
+    monkeypatch.setenv("VLM_MAX_IMAGE_PIXELS", value)
+    with pytest.raises(VLMError) as err:
+        load_image(tmp_path / "img.png")
+    assert str(err.value) == (
+        f"VLM_MAX_IMAGE_PIXELS={value!r} is not a pixel count: give a positive whole number, or 0 or none for no limit"
+    )
 
 
 def test_list_images(tmp_path):

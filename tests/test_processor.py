@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -375,3 +376,25 @@ def test_special_tokens_in_training_rows_are_text_and_labels_stay_exact(processo
     im_start = processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert ids.count(im_start) == 2
     assert labelled_spans(labels) == [span]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "need"),
+    [
+        ("std", [0.5, 0.0, 0.5], "three positive numbers"),
+        ("std", [0.5, -0.2, 0.5], "three positive numbers"),
+        ("std", [0.5, 0.5], "three positive numbers"),
+        ("std", "0.5", "three positive numbers"),
+        ("mean", [0.5, None, 0.5], "three numbers"),
+        ("mean", [0.5, 1e400, 0.5], "three numbers"),  # JSON's 1e400 reads as inf
+    ],
+)
+def test_a_processor_file_that_cannot_normalise_is_refused_at_load(processor, tmp_path, field, value, need):
+    processor.save_pretrained(tmp_path)
+    file = tmp_path / "processor_config.json"
+    meta = json.loads(file.read_text())
+    meta["transform"][field] = value
+    file.write_text(json.dumps(meta).replace("Infinity", "1e400"))
+    with pytest.raises(VLMError) as err:
+        Processor.from_pretrained(tmp_path)
+    assert str(err.value) == f"{file}: transform.{field} must be {need}, got {json.dumps(value)}"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import labelled_spans
+from conftest import finishes_within, labelled_spans
 from PIL import Image
 from vlm.train.data import JsonlRows, ResumableDataLoader, ResumableSampler, VLMDataModule, VLMDataset
 
@@ -116,6 +117,50 @@ def test_broken_rows_are_counted_up_front_and_in_workers(tmp_path, processor):
     assert "corrupt" in bad[f"{path}:8"] and "data.max_length=60" in bad[f"{path}:9"]
     # Broken rows are replaced, so every batch is full and the epoch has as many samples as indexed rows.
     assert sum(b["input_ids"].shape[0] for b in batches) == 7
+
+
+def test_every_kind_of_broken_row_is_one_row_with_its_line(tmp_path, processor, monkeypatch):
+    import vlm.data
+
+    monkeypatch.setattr(vlm.data, "MAX_LINE_BYTES", 200)
+    good = image(tmp_path)
+    os.mkfifo(tmp_path / "pipe.png")
+    lines = [
+        json.dumps({"image": good, "question": "first?", "answer": "yes"}).encode(),
+        b'{"question": "caf\xe9?", "answer": "b"}',  # Latin-1
+        b"{oops",
+        json.dumps({"question": "x" * 300, "answer": "a"}).encode(),  # above the (patched) line limit
+        json.dumps({"question": "no answer?"}).encode(),
+        json.dumps({"image": "missing.png", "question": "q?", "answer": "a"}).encode(),
+        json.dumps({"image": "pipe.png", "question": "q?", "answer": "a"}).encode(),  # would block if opened
+        json.dumps({"image": good, "question": "last?", "answer": "no"}).encode(),
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\r\n")  # a BOM and CRLF endings are fine
+    rows = JsonlRows(path, processor.caption_prompt)
+    assert [message.removeprefix(f"{path}: ") for _, message in rows.errors] == [
+        "line 2: not valid UTF-8 (byte 0xe9 at column 18)",
+        "line 3: bad JSON (Expecting property name enclosed in double quotes)",
+        "line 4: line longer than 200 bytes",
+        "line 5: the question has no answer",
+        f"line 6: image not found: {tmp_path / 'missing.png'}",
+    ]
+    assert [rows.get(i)[0].prompt for i in range(len(rows))] == ["first?", "q?", "last?"]  # offsets past the BOM
+    dataset = VLMDataset(rows, processor)
+    sample = finishes_within(30, lambda: dataset[1])  # the pipe: a broken row found when loaded, not a hang
+    assert sample["bad"] == [
+        (f"{path}:7", f"{path}:7: image {tmp_path / 'pipe.png'} is a named pipe, not a regular file")
+    ]
+    assert processor.tokenizer.decode(sample["input_ids"]).count("last?") == 1  # the next good row took its place
+
+
+def test_training_data_without_rows_is_an_error(tmp_path, processor):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n\n")
+    dm = VLMDataModule(train=str(path))
+    dm.processor = processor
+    with pytest.raises(VLMError, match=rf"^no rows in {path}$"):
+        dm.setup("fit")
 
 
 def test_too_many_broken_rows_up_front_is_one_line_error(tmp_path, processor):

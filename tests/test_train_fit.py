@@ -192,6 +192,37 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+def test_a_short_run_is_judged_on_all_the_rows_of_its_epoch(tmp_path, small_data, caplog):
+    # 2 broken rows of 50 (4%) against data.max_bad_fraction=0.05: a run of 2 steps reads 16 of them. The 2 rows
+    # found broken up front were once counted against only the 16 read (2 of 18, 11.1%) and the run refused.
+    lines = (small_data / "train.jsonl").read_bytes().splitlines(keepends=True)
+    bad = [b'{"question": "caf\xe9?", "answer": "b"}\n', b"{not json\n"]  # the first is Latin-1, not UTF-8
+    (tmp_path / "train.jsonl").write_bytes(b"".join(lines[:10] + bad[:1] + lines[10:30] + bad[1:] + lines[30:]))
+    args = [
+        *run_args(tmp_path / "run", small_data),
+        f"--data.train={tmp_path / 'train.jsonl'}",
+        "--data.max_bad_fraction=0.05",
+        "--trainer.max_steps=2",
+    ]
+    cli = make_cli(args, run=False)
+    with caplog.at_level("INFO"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert "epoch 0, training data: 2 of 50 rows broken and skipped (4.00%)" in caplog.text
+    assert f"{tmp_path / 'train.jsonl'}: line 11: not valid UTF-8 (byte 0xe9 at column 18)" in caplog.text
+    assert f"{tmp_path / 'train.jsonl'}: line 32: bad JSON" in caplog.text
+    # One more broken row (3 of 51, 5.9%) is over the limit, and the run says which rows.
+    (tmp_path / "train.jsonl").write_bytes((tmp_path / "train.jsonl").read_bytes() + b"[]\n")
+    cli = make_cli(args, run=False)
+    with pytest.raises(VLMError) as e:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert str(e.value).startswith(
+        "3 of 51 rows (5.9%) of the training data "
+        f"{tmp_path / 'train.jsonl'} are broken, more than data.max_bad_fraction=0.05; first: "
+        f"{tmp_path / 'train.jsonl'}: line 11: not valid UTF-8"
+    )
+    assert "line 32: bad JSON" in str(e.value) and "line 51: a row must be a JSON object" in str(e.value)
+
+
 def test_broken_rows_found_in_workers_are_reported_and_can_stop_the_run(tmp_path, small_data, caplog):
     rows = [json.loads(line) for line in (small_data / "train.jsonl").read_text().splitlines()[:20]]
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")

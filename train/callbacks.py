@@ -20,9 +20,13 @@ from vlm.files import atomic_file, remove_interrupted_writes
 
 
 class DataHealth(Callback):
-    """Counts the broken rows of each epoch (found up front, or in loader workers and carried in `batch["bad"]`),
-    reports them with the first few reasons and logs `data/bad_rows` at the end of each training and validation
-    epoch, and stops the run with a one-line `VLMError` above `data.max_bad_fraction`."""
+    """Counts the broken rows of each epoch, every kind alike, one per row: those found while indexing (the data
+    module's `train_errors` / `val_errors`) and those found in loader workers (carried in `batch["bad"]`). Reports
+    them with the first few reasons, logs `data/bad_rows` at the end of each training and validation epoch, and
+    stops the run with a one-line `VLMError` above `data.max_bad_fraction`.
+
+    The share is taken of all the rows of the epoch, read or not: an epoch cut short (`trainer.max_steps`,
+    `limit_*_batches`) is not judged as if the rows found broken up front were all in the part it read."""
 
     def __init__(self) -> None:
         self.seen = {"train": 0, "val": 0}
@@ -39,7 +43,8 @@ class DataHealth(Callback):
         found = list(self.bad[stage].items())
         counts = torch.tensor([len(found), self.seen[stage]], dtype=torch.float64, device=pl_module.device)
         counts = trainer.strategy.reduce(counts, reduce_op="sum")
-        num_bad, total = int(counts[0]) + len(upfront), int(counts[1]) + len(upfront)
+        indexed = max(int(counts[1]), _num_rows(getattr(datamodule, f"{stage}_set", None)))
+        num_bad, total = int(counts[0]) + len(upfront), indexed + len(upfront)
         self.seen[stage], self.bad[stage] = 0, {}
         if trainer.sanity_checking:
             return
@@ -61,6 +66,14 @@ class DataHealth(Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         self._report(trainer, pl_module, "val")
+
+
+def _num_rows(dataset: Any) -> int:
+    """The indexed rows of a map-style dataset; 0 for a stream (its rows are counted as they are read)."""
+    try:
+        return len(dataset)
+    except TypeError:
+        return 0
 
 
 class InterruptedWrites(Callback):

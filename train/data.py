@@ -3,10 +3,11 @@
 Every row is read by `vlm.data` (`read_jsonl` for JSONL; `open_hf_dataset` and `example_from_record` for datasets),
 so training, evaluation and inference agree on what a row means.
 
-Broken rows never crash an epoch and are never dropped silently. Rows that cannot be parsed, and rows whose image
-file is missing, are found up front in the main process. Rows that fail later in a loader worker (a corrupt image,
-a row longer than `max_length`) are replaced by the next good row, and the replaced row travels with the batch
-(`batch["bad"]`) to the main process, where `vlm.train.callbacks.DataHealth` counts and reports them.
+Broken rows never crash an epoch and are never dropped silently. Rows that cannot be parsed (too long, not UTF-8,
+bad JSON, missing fields), and rows whose image file is missing, are found up front in the main process. Rows that
+fail later in a loader worker (a corrupt image, a row longer than `max_length`) are replaced by the next good row,
+and the replaced row travels with the batch (`batch["bad"]`) to the main process. `vlm.train.callbacks.DataHealth`
+counts both alike, one per row, against all the rows of the epoch.
 
 Resuming mid-epoch: the training loader is stateful. Lightning stores its `state_dict` (epoch and batches consumed;
 for streams, how many rows each worker had read) in every checkpoint and hands it back on `--ckpt_path`, and the
@@ -31,6 +32,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from vlm.collate import Collator, encode_sample
 from vlm.data import Example, RowError, example_from_record, load_row_images, open_hf_dataset, parse_row, read_jsonl
 from vlm.errors import VLMError
+from vlm.files import open_regular
+from vlm.images import max_pixels
 from vlm.model import check_packing
 from vlm.processor import Processor
 
@@ -60,35 +63,37 @@ class RowSource:
 
 class JsonlRows(RowSource):
     """A JSONL file, checked once in the main process: rows that do not parse and rows whose image file is missing go
-    to `errors`. The good rows are kept as byte offsets (two numbers a row, so forked loader workers share them
-    instead of copying millions of Python objects) and parsed again with `vlm.data.parse_row` when read."""
+    to `errors`. The good rows are kept as line numbers and byte offsets (two numbers a row, so forked loader workers
+    share them instead of copying millions of Python objects) and parsed again with `vlm.data.parse_row` when read.
+    A file with no rows at all is an error."""
 
     def __init__(self, path: str | Path, caption_prompt: str):
         self.path, self.name, self.caption_prompt = Path(path), str(path), caption_prompt
         self.errors = []
-        starts = _line_starts(self.path)
         exists: dict[Path, bool] = {}
         lines: list[int] = []
+        offsets: list[int] = []
         for item in read_jsonl(path, caption_prompt):
             if isinstance(item, RowError):
                 self.errors.append((f"{path}:{item.line}", f"{path}: {item}"))
                 continue
             for p in item.images:
                 if p not in exists:
-                    exists[p] = p.is_file()
+                    exists[p] = _may_exist(p)
             missing = [p for p in item.images if not exists[p]]
             if missing:
                 self.errors.append((f"{path}:{item.line}", f"{path}: line {item.line}: image not found: {missing[0]}"))
                 continue
             lines.append(item.line)
+            offsets.append(item.offset)
         self.lines = np.array(lines, dtype=np.int64)
-        self.offsets = np.array([starts[n - 1] for n in lines], dtype=np.int64)
+        self.offsets = np.array(offsets, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.lines)
 
     def get(self, i: int) -> tuple[Example, list[Any]]:
-        with self.path.open("rb") as f:
+        with open_regular(self.path, "data file") as f:
             f.seek(int(self.offsets[i]))
             text = f.readline()
         example = parse_row(json.loads(text), self.path.parent, self.caption_prompt, line=int(self.lines[i]))
@@ -98,17 +103,13 @@ class JsonlRows(RowSource):
         return f"{self.name}:{self.lines[i]}"
 
 
-def _line_starts(path: Path) -> list[int]:
-    """Byte offset of every line (line n starts at [n - 1]), numbered as `read_jsonl` numbers them."""
-    starts, position = [], 0
-    with path.open("rb") as f:
-        for line in f:
-            # Text mode (read_jsonl) also breaks lines at a lone CR; JSON never holds a raw one inside a row.
-            if b"\r" in line.rstrip(b"\r\n"):
-                raise VLMError(f"{path}: line {len(starts) + 1} holds a carriage return; use \\n line endings")
-            starts.append(position)
-            position += len(line)
-    return starts
+def _may_exist(path: Path) -> bool:
+    """False when nothing is at `path`. Anything else wrong with it (a folder, a pipe, a name too long to look up)
+    is reported when the image is loaded (`vlm.images.load_image`), with its own reason."""
+    try:
+        return path.exists()
+    except OSError:
+        return True
 
 
 def check_columns(spec: str, names: list[str] | None, columns: dict[str, str]) -> None:
@@ -464,6 +465,7 @@ class VLMDataModule(LightningDataModule):
         return min(limits) if limits else None
 
     def setup(self, stage: str) -> None:
+        max_pixels()  # a bad VLM_MAX_IMAGE_PIXELS stops the run here, not as a broken row in every worker
         if self.processor is None:
             self.processor = self.trainer.lightning_module.processor
         if stage == "fit" and self.pack_tokens is not None and self.trainer is not None:
@@ -588,10 +590,12 @@ def bad_rows_report(what: str, bad: list[tuple[str, str]], total: int, examples:
     return "\n".join(lines)
 
 
-def check_bad_fraction(num_bad: int, total: int, limit: float, what: str, bad: list[tuple[str, str]]) -> None:
-    """Raises a one-line `VLMError` when more than `limit` of `total` rows are broken."""
+def check_bad_fraction(
+    num_bad: int, total: int, limit: float, what: str, bad: list[tuple[str, str]], examples: int = 3
+) -> None:
+    """Raises a one-line `VLMError` when more than `limit` of `total` rows are broken, naming the first few."""
     if total > 0 and num_bad / total > limit:
-        first = bad[0][1] if bad else "see the reports above"
+        first = "; ".join(message for _, message in bad[:examples]) or "see the reports above"
         raise VLMError(
             f"{num_bad} of {total} rows ({100 * num_bad / total:.1f}%) of the {what} are broken, more than "
             f"data.max_bad_fraction={limit}; first: {first}"

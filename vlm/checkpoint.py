@@ -18,7 +18,7 @@ from safetensors.torch import save_model as save_safetensors
 from vlm.config import CONFIG_FILE, WEIGHTS_FILE, VLMConfig
 from vlm.decoder import refuse_remote_code
 from vlm.errors import OptionError, VLMError
-from vlm.files import atomic_folder
+from vlm.files import atomic_folder, check_name_lengths
 from vlm.model import VisionLanguageModel
 from vlm.processor import PROCESSOR_FILE, Processor, tokenizer_for
 
@@ -47,7 +47,7 @@ def save_checkpoint(model: VisionLanguageModel, path: str | Path, processor: Pro
 
 def _load(path: str | Path) -> tuple[VisionLanguageModel, Processor]:
     """A checkpoint folder's model (eval mode) and processor, each read from disk once."""
-    path = Path(path)
+    path = check_name_lengths(path, "model folder")
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise VLMError(f"not a vlm checkpoint folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}): {path}")
     refuse_remote_code(path)
@@ -55,7 +55,7 @@ def _load(path: str | Path) -> tuple[VisionLanguageModel, Processor]:
     # A model saved without its processor takes the tokenizer its config names.
     processor = Processor.from_pretrained(path) if (path / PROCESSOR_FILE).is_file() else None
     tokenizer = processor.tokenizer if processor is not None else tokenizer_for(config)
-    model = VisionLanguageModel.from_config(config, tokenizer, pretrained=False)
+    model = _build_from_file(config, tokenizer, path / CONFIG_FILE)
     try:
         missing, unexpected = load_safetensors(model, str(path / WEIGHTS_FILE), strict=False)
     except SafetensorError as e:
@@ -67,6 +67,19 @@ def _load(path: str | Path) -> tuple[VisionLanguageModel, Processor]:
         missing, unexpected = sorted(missing)[:3], sorted(unexpected)[:3]  # safetensors returns sets
         raise VLMError(f"checkpoint {path} does not match its config: missing {missing}, unexpected {unexpected}")
     return model.eval(), processor if processor is not None else Processor.from_model(model, tokenizer)
+
+
+def _build_from_file(config: VLMConfig, tokenizer, file: Path) -> VisionLanguageModel:
+    """The model a config read from `file` describes, with random weights; one line naming the file when it cannot
+    be built (a wrong type or an impossible size, e.g. "num_heads": 0, is refused deep inside timm, transformers or
+    torch, with whatever exception each raises)."""
+    try:
+        return VisionLanguageModel.from_config(config, tokenizer, pretrained=False)
+    except VLMError:
+        raise
+    except Exception as e:  # see the docstring: the parts' libraries raise many types for a bad config
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise VLMError(f"cannot build the model {file} describes ({type(e).__name__}: {reason})") from None
 
 
 def load_model(path: str | Path) -> VisionLanguageModel:

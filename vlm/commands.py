@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vlm.errors import VLMError
-from vlm.files import atomic_file
+from vlm.files import atomic_file, check_input_file, check_output_file
 from vlm.generation import GenerationOptions, generate_texts
 from vlm.inference import Device, DType, Item, items_from_inputs, items_from_jsonl, run_items
 
@@ -72,6 +72,8 @@ def caption(
         gen: Generation options.
     """
     gen = gen or GenerationOptions()
+    if output is not None:
+        check_output_file(output)
     net, processor = _open(model, device, dtype)
     items, single = items_from_inputs(inputs, processor.caption_prompt)
     stream = single and not output and not json and sys.stdout.isatty()
@@ -113,8 +115,10 @@ def ask(
         raise VLMError("give IMAGE and QUESTION, or --input FILE.jsonl")
     if question is not None and not question.strip():
         raise VLMError("the question is empty")
-    if input is not None and not Path(input).is_file():
-        raise VLMError(f"input file not found: {input}")
+    if input is not None:
+        check_input_file(input, "input file")
+    if output is not None:
+        check_output_file(output)
     net, processor = _open(model, device, dtype)
     if input is not None:
         items, single = items_from_jsonl(Path(input), processor.caption_prompt), False

@@ -9,6 +9,11 @@ LLaVA's spelling of turns (`{"from": "human"|"gpt", "value": ...}`) is accepted;
 text-only rows; any other field is kept. For inference, a question row needs no answer and an image row
 needs no caption.
 
+Files are read as UTF-8 (a byte-order mark at the start is allowed), in chunks: a line longer than
+`MAX_LINE_BYTES` is never held whole and is a broken row, as is a line that is not valid UTF-8 or not JSON. A
+file with no rows at all is an error. Only regular files are opened (`vlm.files.open_regular`): a named pipe
+would block the read.
+
 Hugging Face datasets are read through the same `parse_row`: `open_hf_dataset` opens one, `example_from_record`
 renames a record's columns to the fields above and parses it, and `load_row_images` opens the images of a row,
 whether paths or images stored in the dataset. `datasets` is imported only when a dataset is opened.
@@ -21,9 +26,10 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, NamedTuple
 
 from vlm.errors import VLMError
+from vlm.files import open_regular
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -33,6 +39,10 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 _DATA_FILES = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".csv": "csv"}
 # Files that mark a folder written by `datasets.save_to_disk`.
 _SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+# A JSONL line longer than this (in bytes, without its newline) is a broken row; it is skipped, never read whole.
+MAX_LINE_BYTES = 1 << 20
+_CHUNK_BYTES = 1 << 16
+_BOM = b"\xef\xbb\xbf"
 
 
 class RowError(VLMError):
@@ -55,6 +65,7 @@ class Example:
     references: list[str] = field(default_factory=list)  # every reference answer / caption (for metrics)
     row: dict[str, Any] = field(default_factory=dict)  # the row as read, all fields kept
     line: int | None = None
+    offset: int | None = None  # where the row's line starts in its JSONL file, in bytes
 
     @property
     def prompt(self) -> str:
@@ -152,40 +163,89 @@ def parse_row(
         raise
 
 
-def json_lines(path: Path) -> Iterator[tuple[int, Any, json.JSONDecodeError | None]]:
-    """`(line number, value, None)` for each non-blank line of a JSONL file, or `(line number, None, error)` for a
-    line that is not JSON. Numbers count every line from 1, blank ones included."""
-    with path.open(encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            if not text.strip():
+class JsonLine(NamedTuple):
+    """One non-blank line of a JSONL file: its number (from 1, blank lines counted), where it starts (in bytes),
+    and its value, or None and why it is not one (`error`)."""
+
+    number: int
+    offset: int
+    value: Any
+    error: str | None
+
+
+def _raw_lines(f: BinaryIO) -> Iterator[tuple[int, bytes | None]]:
+    """`(offset, bytes)` for every line of a binary file, newline removed, read `_CHUNK_BYTES` at a time; bytes is
+    None for a line longer than `MAX_LINE_BYTES`, whose bytes are skipped rather than kept. A byte-order mark at the
+    start is skipped."""
+    chunk = f.read(_CHUNK_BYTES)
+    start = offset = len(_BOM) if chunk.startswith(_BOM) else 0
+    parts, size = [], 0
+    while chunk:
+        while (end := chunk.find(b"\n", start)) >= 0:
+            size += end - start
+            yield offset, (b"".join([*parts, chunk[start:end]]) if size <= MAX_LINE_BYTES else None)
+            offset, parts, size, start = offset + size + 1, [], 0, end + 1
+        size += len(chunk) - start
+        parts = [*parts, chunk[start:]] if size <= MAX_LINE_BYTES else []
+        chunk, start = f.read(_CHUNK_BYTES), 0
+    if size:
+        yield offset, (b"".join(parts) if size <= MAX_LINE_BYTES else None)
+
+
+def _decode(raw: bytes | None) -> tuple[Any, str | None]:
+    """A line's bytes -> (value, None), or (None, why it is not a JSON value)."""
+    if raw is None:
+        return None, f"line longer than {MAX_LINE_BYTES:,} bytes"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})"
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        return None, f"bad JSON ({e.msg})"
+    except RecursionError:
+        return None, "bad JSON (nested too deeply)"
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        return None, f"bad JSON ({str(e).split(':')[0]})"
+
+
+def json_lines(path: str | Path, what: str = "data file") -> Iterator[JsonLine]:
+    """A `JsonLine` for each non-blank line of a JSONL file (UTF-8, optional byte-order mark). Lines that are too
+    long, not UTF-8 or not JSON come with an `error`; only a missing or unreadable file (named `what`) raises."""
+    with open_regular(path, what) as f:
+        for number, (offset, raw) in enumerate(_raw_lines(f), start=1):
+            if raw is not None and not raw.strip():
                 continue
-            try:
-                yield number, json.loads(text), None
-            except json.JSONDecodeError as e:
-                yield number, None, e
+            yield JsonLine(number, offset, *_decode(raw))
 
 
 def read_jsonl(
     path: str | Path, caption_prompt: str = "Describe the image.", require_target: bool = True
 ) -> Iterator[Example | RowError]:
-    """Yields one `Example` per line, or the `RowError` for a line that is broken (bad JSON, missing fields).
+    """Yields one `Example` per line, or the `RowError` for a line that is broken (too long, not UTF-8, bad JSON,
+    missing fields); raises `VLMError` when the file is missing, not a regular file, or has no rows at all.
 
     Broken rows are yielded, not raised, so callers count and report them and go on. Image files are not
     opened here: a missing or corrupt image surfaces when the image is loaded.
     """
     path = Path(path)
-    if not path.is_file():
-        raise VLMError(f"data file not found: {path}")
-    base = path.parent
-    for number, row, error in json_lines(path):
-        if error is not None:
-            yield RowError(f"bad JSON ({error.msg})", number)
+    rows = 0
+    for line in json_lines(path):
+        rows += 1
+        if line.error is not None:
+            yield RowError(line.error, line.number)
             continue
         try:
-            yield parse_row(row, base, caption_prompt, require_target, number)
+            example = parse_row(line.value, path.parent, caption_prompt, require_target, line.number)
         except RowError as e:
-            e.row = row
+            e.row = line.value
             yield e
+            continue
+        example.offset = line.offset
+        yield example
+    if not rows:
+        raise VLMError(f"no rows in {path}")
 
 
 def single_image_rows(

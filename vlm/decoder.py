@@ -122,7 +122,7 @@ def refuse_remote_code(folder: str | Path) -> None:
     for name in CODE_POINTER_FILES:
         try:
             settings = json.loads((folder / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deeply
             continue  # absent or unreadable: the loader that needs it says so
         reason = _remote_code_reason(name, settings) if isinstance(settings, dict) else None
         if reason is not None:

@@ -1,8 +1,10 @@
-"""Atomic writes: a file or folder appears complete under its name, or not at all (the old one stays).
+"""Safe reads and atomic writes of user paths.
 
-Everything vlm writes for a user (checkpoint folders, converted GGUF caches, LLaVA exports, predictions, reports,
-model cards, training checkpoints) goes through these, so an interrupted run never leaves half a file behind.
-`read_json` reads JSON files back (a model folder's config.json and the like) with errors that name the file.
+Reads: `open_regular` opens only regular files, so a named pipe, device or socket given as an input is a one-line
+error instead of a read that blocks forever; `read_json` reads JSON files back (a model folder's config.json and the
+like) with errors that name the file. Writes: a file or folder appears complete under its name, or not at all (the old
+one stays). Everything vlm writes for a user (checkpoint folders, converted GGUF caches, LLaVA exports, predictions,
+reports, model cards, training checkpoints) goes through these, so an interrupted run never leaves half a file behind.
 """
 
 from __future__ import annotations
@@ -12,12 +14,70 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 from vlm.errors import VLMError
+
+# The longest file or folder name, in bytes, that Linux, macOS and Windows file systems accept.
+NAME_MAX = 255
+
+
+def check_name_lengths(path: str | Path, what: str) -> Path:
+    """`path` as a Path; a one-line `VLMError` when a name in it is longer than `NAME_MAX` bytes."""
+    path = Path(path)
+    for name in path.parts:
+        size = len(os.fsencode(name))
+        if size > NAME_MAX:
+            raise VLMError(f"{what} name too long ({size} bytes; the limit is {NAME_MAX}): {path}")
+    return path
+
+
+def open_regular(path: str | Path, what: str = "file") -> BinaryIO:
+    """Opens `path` for reading bytes only if it is a regular file (links followed); a one-line `VLMError` naming
+    it as `what` ("image", "data file") otherwise: missing, a folder, or a named pipe, device or socket, which
+    could block the read forever. The file is opened without blocking and checked on the open descriptor, so
+    nothing can be swapped in between the check and the read."""
+    path = check_name_lengths(path, what)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise VLMError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise VLMError(f"cannot open {what} {path}: {e.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise VLMError(f"{what} {path} is {_kind(mode)}, not a regular file")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def check_input_file(path: str | Path, what: str = "file") -> Path:
+    """`path` as a Path if `open_regular` can open it (raises its one-line errors otherwise): for commands that
+    check their inputs before the slow work (loading a model) begins."""
+    open_regular(path, what).close()
+    return Path(path)
+
+
+def _kind(mode: int) -> str:
+    """What a file that is not a regular file is, from its `st_mode`."""
+    kinds = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a named pipe", stat.S_ISSOCK: "a socket"}
+    return next((name for test, name in kinds.items() if test(mode)), "a device")
+
+
+def check_output_file(path: str | Path, what: str = "output") -> Path:
+    """`path` as a Path if a file can be written there: no name longer than `NAME_MAX` bytes, and not an existing
+    folder. A one-line `VLMError` otherwise, so a command refuses before it runs rather than when it writes."""
+    path = check_name_lengths(path, what)
+    if path.is_dir():
+        raise VLMError(f"{what} {path} is a folder; give a file name")
+    return path
+
 
 # `atomic_file` writes NAME through `.NAME.PID.partial` beside it.
 PARTIAL_SUFFIX = ".partial"
@@ -51,10 +111,11 @@ def remove_interrupted_writes(folder: str | Path) -> list[Path]:
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
     """Opens a temporary file beside `path` (mode "w" for text in UTF-8, "wb" for bytes); when the block ends
-    without an error it is flushed to disk and renamed onto `path`, otherwise it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+    without an error it is flushed to disk and renamed onto `path`, otherwise it is removed. Missing folders above
+    `path` are created; `check_output_file`'s errors are raised before anything is written."""
+    path = check_output_file(path)
+    _make_parent(path)
+    tmp = path.with_name(f".{path.name[:200]}.{os.getpid()}{PARTIAL_SUFFIX}")
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
@@ -63,6 +124,14 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _make_parent(path: Path) -> None:
+    """Creates the folders above `path`; a one-line `VLMError` when one cannot be (e.g. a file has its name)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VLMError(f"cannot create the folder {path.parent}: {e.strerror}") from None
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -81,11 +150,13 @@ def read_json(path: str | Path) -> Any:
     VLMError naming it."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_bytes().decode("utf-8-sig"))  # a byte-order mark is allowed
     except UnicodeDecodeError as e:
         raise VLMError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     except json.JSONDecodeError as e:
         raise VLMError(f"bad JSON in {path}: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # a number with too many digits, nesting too deep
+        raise VLMError(f"bad JSON in {path}: {str(e)[:200] or 'nested too deeply'}") from None
     except OSError as e:
         raise VLMError(f"cannot read {path}: {e.strerror}") from None
 

@@ -11,33 +11,51 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 # Decoding more pixels than this is refused before any pixel is read (decompression bombs); 64 MP covers
-# any camera photo. Override with the VLM_MAX_IMAGE_PIXELS environment variable.
+# any camera photo. Override with the VLM_MAX_IMAGE_PIXELS environment variable: a positive number of pixels, or
+# 0 or "none" for no limit.
 DEFAULT_MAX_PIXELS = 64_000_000
+MAX_PIXELS_VARIABLE = "VLM_MAX_IMAGE_PIXELS"
 
 
-def max_pixels() -> int:
-    return int(os.environ.get("VLM_MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS))
+def max_pixels() -> int | None:
+    """The pixel limit from `VLM_MAX_IMAGE_PIXELS` (default `DEFAULT_MAX_PIXELS`); None for no limit."""
+    from vlm.errors import VLMError
+
+    value = os.environ.get(MAX_PIXELS_VARIABLE, "").strip()
+    if not value:
+        return DEFAULT_MAX_PIXELS
+    if value.lower() == "none":
+        return None
+    try:
+        limit = int(value.replace("_", ""))
+    except ValueError:
+        limit = -1
+    if limit < 0:
+        raise VLMError(
+            f"{MAX_PIXELS_VARIABLE}={value!r} is not a pixel count: give a positive whole number, or 0 or none "
+            "for no limit"
+        )
+    return limit or None
 
 
 def load_image(path: str | Path, limit: int | None = None) -> Image.Image:
     """Opens an image as RGB: first frame of animations, EXIF rotation applied, transparency on white,
-    16-bit and float greyscale scaled to 8 bits. Raises `VLMError` naming the file for anything else."""
+    16-bit and float greyscale scaled to 8 bits. Raises `VLMError` naming the file for anything else, including
+    a path that is not a regular file (a named pipe would block the read). `limit`: the most pixels (default:
+    `max_pixels()`)."""
     from vlm.errors import VLMError
+    from vlm.files import open_regular
 
     path = Path(path)
     limit = limit or max_pixels()
-    if not path.exists():
-        raise VLMError(f"image not found: {path}")
-    if path.is_dir():
-        raise VLMError(f"expected an image file, got a folder: {path}")
     # Pillow has its own bomb check (an error at twice its limit); make it follow ours, which runs first.
     Image.MAX_IMAGE_PIXELS = limit
     try:
-        with warnings.catch_warnings():
+        with open_regular(path, "image") as f, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(f)
             w, h = img.size
-            if w * h > limit:
+            if limit is not None and w * h > limit:
                 raise VLMError(f"image too large: {path} is {w}x{h} pixels, above the limit of {limit:,}")
             img.seek(0)  # animated GIF/WebP/APNG: the first frame
             img.load()

@@ -47,11 +47,12 @@ class Item:
 
 def items_from_inputs(inputs: list[str], caption_prompt: str) -> tuple[list[Item], bool]:
     """Expands image files, folders of images and JSONL files into items; says whether it was one image."""
+    from vlm.files import check_name_lengths
     from vlm.images import list_images
 
     items: list[Item] = []
     for name in inputs:
-        path = Path(name)
+        path = check_name_lengths(name, "input")
         if path.is_dir():
             found = list_images(path)
             if not found:
@@ -101,8 +102,11 @@ def run_items(
 
     Each item is yielded with `prediction` or `error` set; its images are released once its batch is done.
     """
+    from vlm.images import max_pixels
+
     if batch_size < 1:
         raise VLMError("batch_size must be at least 1")
+    max_pixels()  # a bad VLM_MAX_IMAGE_PIXELS is one error for the run, not one for every item
     bar = tqdm(total=len(items), unit="item", disable=len(items) < 2 or None, file=sys.stderr)
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]

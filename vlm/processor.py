@@ -11,6 +11,7 @@ special tokens.
 from __future__ import annotations
 
 import json
+import math
 import re
 import tempfile
 from dataclasses import asdict, dataclass
@@ -64,6 +65,31 @@ class ImageTransform:
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.std).view(1, 3, 1, 1)
         return (x - mean) / std
+
+
+def _checked_transform(t: dict[str, Any], file: Path) -> ImageTransform:
+    """The `transform` of a processor file, refused in one line naming the file and the field when its numbers
+    cannot normalise an image: a std of 0 (or below, or not finite) would turn every pixel into NaN or inf, and the
+    model would still answer, confidently, from nothing."""
+    if not isinstance(t, dict):
+        raise VLMError(f"{file}: transform must be an object, got {json.dumps(t)}")
+    for field in ("mean", "std"):
+        values = t.get(field)
+        ok = isinstance(values, list) and len(values) == 3 and all(_is_number(v) for v in values)
+        if not ok or (field == "std" and min(values) <= 0):
+            need = "three positive numbers" if field == "std" else "three numbers"
+            raise VLMError(f"{file}: transform.{field} must be {need}, got {json.dumps(values)}")
+    return ImageTransform(tuple(t["size"]), tuple(t["mean"]), tuple(t["std"]), t["interpolation"])
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float (not a bool) that is a finite float."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def add_image_token(tokenizer: PreTrainedTokenizerBase, image_token: str) -> None:
@@ -183,10 +209,9 @@ class Processor:
         """Loads from a checkpoint folder without building the model (e.g. in data-loading workers)."""
         path = Path(path)
         meta = read_json(path / PROCESSOR_FILE)
+        transform = _checked_transform(meta["transform"], path / PROCESSOR_FILE)
         tokenizer = load_tokenizer(str(path))
         tokenizer.chat_template = meta["chat_template"]
-        t = meta["transform"]
-        transform = ImageTransform(tuple(t["size"]), tuple(t["mean"]), tuple(t["std"]), t["interpolation"])
         return cls(
             tokenizer,
             transform,

@@ -124,15 +124,13 @@ def shapes_report(predictions: str, seed: int = 0, patch: int = 15) -> dict:
         captions) and ``bad_rows`` (not JSON).
     """
     path = Path(predictions)
-    if not path.is_file():
-        raise VLMError(f"predictions file not found: {path}")
     if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
         raise VLMError(f"patch must be a positive number of pixels, got {patch!r}")
     counts: dict[str, Counter] = {s: Counter() for s in (*_RANKED, "count")}
     measures = {m: _measure(m, patch) for m in _MEASURES}
     caption_rows, caption_sums = 0, Counter()
     skipped = bad = 0
-    for line_number, row, error in json_lines(path):
+    for line_number, _, row, error in json_lines(path, "predictions file"):
         if error is not None or not isinstance(row, dict):
             bad += 1
             continue
