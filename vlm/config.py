@@ -17,6 +17,7 @@ from vlm.files import read_json
 
 CONFIG_FILE = "config.json"  # a checkpoint folder's config
 WEIGHTS_FILE = "model.safetensors"  # ... and its weights
+PROCESSOR_FILE = "processor_config.json"  # ... and its processor settings (image transform, prompts)
 PARTS = ("encoder", "projector", "decoder")  # the three parts of every model, in data-flow order
 TINY_TOKENIZER = "package:vlm/assets/tiny_tokenizer"  # found in the installed package, so configs name no machine path
 

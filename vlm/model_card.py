@@ -19,14 +19,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vlm.config import CONFIG_FILE, PARTS, WEIGHTS_FILE
+from vlm.config import CONFIG_FILE, PARTS, PROCESSOR_FILE, WEIGHTS_FILE
 from vlm.errors import VLMError
 from vlm.files import read_json, write_text
 
 CARD_FILE = "README.md"
 EVAL_RESULTS_FILE = "eval_results.json"
 TRAINING_FILE = "training.json"
-_PROCESSOR_FILE = "processor_config.json"
 # The parts of a `vlm eval` report an eval_results.json entry keeps (not the per-row failures).
 _RESULT_KEYS = (
     "data", "task", "answer_regex", "num_rows", "num_scored", "num_failed", "metrics", "by_type", "type_counts",
@@ -351,7 +350,7 @@ def render_model_card(model_dir: str | Path, digest: str | None = None) -> str:
     """The model card text of a checkpoint folder (see the module docstring for its sources)."""
     model_dir = Path(model_dir)
     config = read_json(model_dir / CONFIG_FILE)
-    processor = read_json(model_dir / _PROCESSOR_FILE) if (model_dir / _PROCESSOR_FILE).is_file() else {}
+    processor = read_json(model_dir / PROCESSOR_FILE) if (model_dir / PROCESSOR_FILE).is_file() else {}
     digest = digest or weights_digest(model_dir)
     name = model_dir.resolve().name
     lines = [

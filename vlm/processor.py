@@ -24,13 +24,12 @@ from PIL import Image
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from vlm.config import VLMConfig
+from vlm.config import PROCESSOR_FILE, VLMConfig
 from vlm.decoder import load_tokenizer
 from vlm.errors import VLMError
 from vlm.files import read_json
 
 IGNORE_INDEX = -100
-PROCESSOR_FILE = "processor_config.json"
 
 # ChatML, for tokenizers that bring no template of their own.
 DEFAULT_CHAT_TEMPLATE = (
