@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from vlm.eval.benchmarks.shapes import (
+    CAPTION_PROMPT,
     COLOR_NAMES,
     COLORS,
     IMAGE_SIZE,
@@ -31,6 +32,8 @@ from vlm.eval.benchmarks.shapes import (
     render_scene,
     scene_for,
 )
+
+from vlm.config import VLMConfig
 
 COUNTS = {"train": 6, "val": 3, "test": 3}
 SEED = 7
@@ -423,3 +426,21 @@ def test_zero_images_writes_empty_files(tmp_path: Path) -> None:
     assert summary["splits"]["train"]["images"] == 0
     assert (tmp_path / "train.jsonl").read_text() == ""
     assert len(_read_jsonl(tmp_path / "test.jsonl")) == 20
+
+
+def test_chat_rows_hold_every_question_of_an_image_and_its_caption(tmp_path: Path) -> None:
+    """`chat_turns=20, chat_caption=True`: one conversation row per image, its 20 questions (the same as the question
+    file's, in another order) and then its caption asked for with vlm's default caption prompt."""
+    generate_shapes(tmp_path, seed=SEED, train=2, val=0, test=0, chat_turns=20, chat_caption=True)
+    chat = _read_jsonl(tmp_path / "train_chat.jsonl")
+    questions, captions = _read_jsonl(tmp_path / "train.jsonl"), _read_jsonl(tmp_path / "train_captions.jsonl")
+    assert len(chat) == 2
+    for row, caption in zip(chat, captions, strict=True):
+        turns = row["conversations"]
+        pairs = [(turns[i]["content"], turns[i + 1]["content"]) for i in range(0, len(turns), 2)]
+        asked = sorted((q["question"], q["answer"]) for q in questions if q["image"] == row["image"])
+        assert sorted(pairs[:-1]) == asked
+        assert pairs[-1] == (CAPTION_PROMPT, caption["caption"])
+    assert CAPTION_PROMPT == VLMConfig.from_name("shapes").caption_prompt  # what the model is asked at inference
+    with pytest.raises(ValueError, match="chat_turns"):
+        generate_shapes(tmp_path / "bad", train=1, val=0, test=0, chat_turns=21)

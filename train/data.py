@@ -179,7 +179,12 @@ class ConcatRows(RowSource):
 
 
 def _encode(
-    processor: Processor, example: Example, images: list[Any], max_length: int | None, with_prompt: bool = False
+    processor: Processor,
+    example: Example,
+    images: list[Any],
+    max_length: int | None,
+    with_prompt: bool = False,
+    independent_turns: bool = False,
 ) -> dict[str, Any]:
     """A parsed row and its images (paths, PIL images or datasets' dicts) -> an encoded training sample."""
     return encode_sample(
@@ -190,6 +195,7 @@ def _encode(
         example.references,
         max_length,
         with_prompt=with_prompt,
+        independent_turns=independent_turns,
     )
 
 
@@ -208,9 +214,15 @@ class VLMDataset(Dataset):
     """
 
     def __init__(
-        self, rows: RowSource, processor: Processor, max_length: int | None = None, generate: set[int] | None = None
+        self,
+        rows: RowSource,
+        processor: Processor,
+        max_length: int | None = None,
+        generate: set[int] | None = None,
+        independent_turns: bool = False,
     ):
         self.rows, self.processor, self.max_length = rows, processor, max_length
+        self.independent_turns = independent_turns
         chosen = sorted(generate or ())
         self.num_generate = len(chosen)
         self.order = chosen + sorted(set(range(len(rows))) - set(chosen)) if chosen else None
@@ -226,7 +238,7 @@ class VLMDataset(Dataset):
             try:
                 example, images = self.rows.get(i)
                 with_prompt = index < self.num_generate
-                sample = _encode(self.processor, example, images, self.max_length, with_prompt=with_prompt)
+                sample = _encode(self.processor, example, images, self.max_length, with_prompt, self.independent_turns)
             except VLMError as e:
                 bad.append(_bad_row(self.rows.key(i), e))
                 continue
@@ -359,6 +371,10 @@ class VLMDataModule(LightningDataModule):
         pack_tokens: Pack each training batch's samples into rows of at most this many tokens (a longer sample gets
             a row of its own) instead of padding every sample to the longest; each sample keeps its own positions
             and attends only to itself, so the loss is the same on fewer rows. Unset pads. Validation always pads.
+        independent_turns: Train each answer of a conversation row as a one-question sample about the same images:
+            the turns share one row, the image tokens and the common start once, and each turn sees only that start
+            and itself (no turn can read another's answer; the image is encoded once). Training data only; not
+            with `pack_tokens`.
         val_batch_size: Validation batch size (default: `batch_size`).
         num_workers: Loader worker processes per device (0 loads in the main process).
         pin_memory: Pin batches for faster host-to-GPU copies; default: when training on a GPU.
@@ -382,6 +398,7 @@ class VLMDataModule(LightningDataModule):
         val: str | list[str] | None = None,
         batch_size: int = 16,
         pack_tokens: int | None = None,
+        independent_turns: bool = False,
         val_batch_size: int | None = None,
         num_workers: int = 2,
         pin_memory: bool | None = None,
@@ -406,7 +423,9 @@ class VLMDataModule(LightningDataModule):
         self.train = [train] if isinstance(train, str) else list(train or [])
         self.val = [val] if isinstance(val, str) else list(val or [])
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
-        self.pack_tokens = pack_tokens
+        if pack_tokens is not None and independent_turns:
+            raise VLMError("data.independent_turns and data.pack_tokens cannot be combined: choose one")
+        self.pack_tokens, self.independent_turns = pack_tokens, independent_turns
         self.num_workers, self.pin_memory, self.max_length = num_workers, pin_memory, max_length
         self.max_bad_fraction, self.seed, self.generate_samples = max_bad_fraction, seed, generate_samples
         self.columns = dict(columns or {})
@@ -428,7 +447,9 @@ class VLMDataModule(LightningDataModule):
         check_columns(spec, ds.column_names, self.columns)
         return DatasetRows(ds, spec, self.columns, base, self.processor.caption_prompt)
 
-    def _map_dataset(self, specs: list[str], split: str, what: str, generate: int) -> VLMDataset:
+    def _map_dataset(
+        self, specs: list[str], split: str, what: str, generate: int, independent_turns: bool = False
+    ) -> VLMDataset:
         sources = [self._rows(s, split) for s in specs]
         rows = sources[0] if len(sources) == 1 else ConcatRows(sources)
         total = len(rows) + len(rows.errors)
@@ -442,7 +463,7 @@ class VLMDataModule(LightningDataModule):
         if generate > 0:
             step = len(rows) / min(generate, len(rows))
             chosen = {int(k * step) for k in range(min(generate, len(rows)))}
-        return VLMDataset(rows, self.processor, self._max_length(), chosen)
+        return VLMDataset(rows, self.processor, self._max_length(), chosen, independent_turns)
 
     def _stream(self, specs: list[str], split: str, shuffle: bool) -> StreamingVLMDataset:
         import datasets
@@ -473,10 +494,12 @@ class VLMDataModule(LightningDataModule):
         if stage == "fit" and self.train_set is None:
             if not self.train:
                 raise VLMError("no training data: set --data.train (a JSONL file or a dataset)")
+            if self.streaming and self.independent_turns:
+                raise VLMError("data.independent_turns does not apply to streamed data")
             if self.streaming:
                 self.train_set = self._stream(self.train, self.train_split, shuffle=True)
             else:
-                self.train_set = self._map_dataset(self.train, self.train_split, "training", 0)
+                self.train_set = self._map_dataset(self.train, self.train_split, "training", 0, self.independent_turns)
                 self.train_errors = list(self.train_set.rows.errors)
         if stage in ("fit", "validate") and self.val and self.val_set is None:
             self.val_set = self._map_dataset(self.val, self.val_split, "validation", self.generate_samples)
@@ -531,6 +554,7 @@ class VLMDataModule(LightningDataModule):
             "streaming": self.streaming,
             "columns": self.columns or None,
             "pack_tokens": self.pack_tokens,
+            "independent_turns": self.independent_turns,
         }
 
     # ---- loaders ----

@@ -5,6 +5,12 @@ Padding gives every sample a row as long as the batch's longest sample. Packing 
 another in a row (first-fit decreasing), with `position_ids` restarting at 0 at each sample; the model keeps
 attention inside each sample (see `vlm.model`), so a packed batch gives each sample the same logits and the batch
 the same loss as padding it would, on fewer rows.
+
+Independent turns (`encode_sample(..., independent_turns=True)`) train each answer of a conversation as a
+one-question sample of its own, and put all of them in one row: the tokens they share at the start (the image, the
+turn's opening) once, then each turn's own tokens, every turn attending to the shared start and to itself only (a
+tree-shaped attention mask, `tree_mask`), with the positions it would have alone. Each answer gets exactly the
+logits it would get as a separate sample, no turn can read another's answer, and the image is encoded once.
 """
 
 from __future__ import annotations
@@ -27,12 +33,17 @@ def encode_sample(
     references: list[str],
     max_length: int | None = None,
     with_prompt: bool = False,
+    independent_turns: bool = False,
 ) -> dict[str, Any]:
     """One conversation and its RGB images -> token ids, labels and pixels; raises `VLMError` for unusable rows.
 
     With `with_prompt`, question rows also carry the generation prompt (everything before the answer) and the
-    reference answers, for generation-based accuracy during validation.
+    reference answers, for generation-based accuracy during validation. With `independent_turns`, a conversation of
+    several answers becomes a tree of one-question samples sharing their start (see the module's docstring).
     """
+    turns = split_turns(messages) if independent_turns else []
+    if len(turns) > 1:
+        return _encode_turns(processor, turns, images, kind, max_length)
     ids, labels = processor.encode(messages, len(images), placeholders=has_placeholders(kind))
     if max_length is not None and len(ids) > max_length:
         raise VLMError(f"the row is {len(ids)} tokens, longer than data.max_length={max_length}")
@@ -48,6 +59,74 @@ def encode_sample(
         sample["prompt_ids"] = processor.encode(messages[:-1], len(images), add_generation_prompt=True)[0]
         sample["references"] = references
     return sample
+
+
+def split_turns(messages: list[dict[str, str]]) -> list[list[dict[str, str]]]:
+    """A conversation -> one conversation per answer: the leading system messages, the question, the answer."""
+    system = []
+    for m in messages:
+        if m["role"] != "system":
+            break
+        system.append(m)
+    turns = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            if i == 0 or messages[i - 1]["role"] != "user":
+                raise VLMError("data.independent_turns needs every answer to follow a question (user, then assistant)")
+            turns.append([*system, messages[i - 1], m])
+    return turns
+
+
+def _encode_turns(
+    processor: Processor, turns: list[list[dict[str, str]]], images: list, kind: str, max_length: int | None
+) -> dict[str, Any]:
+    """Each turn encoded alone, then merged into one row: the longest start all turns share (up to the first answer
+    token), then each turn's rest. `segments` gives the shared length and each rest's length."""
+    if has_placeholders(kind) and any(processor.image_token in m["content"] for t in turns for m in t):
+        raise VLMError(
+            f"data.independent_turns cannot split a conversation that places images with {processor.image_token}"
+        )
+    encoded = [processor.encode(t, len(images)) for t in turns]
+    shared = min(labels.index(next(x for x in labels if x != IGNORE_INDEX)) for _, labels in encoded)
+    first = encoded[0][0]
+    for ids, _ in encoded[1:]:
+        shared = next((j for j in range(shared) if ids[j] != first[j]), shared)
+    ids = first[:shared] + [t for e, _ in encoded for t in e[shared:]]
+    labels = encoded[0][1][:shared] + [t for _, lab in encoded for t in lab[shared:]]
+    if max_length is not None and max(len(e) for e, _ in encoded) > max_length:
+        raise VLMError(f"a turn of the row is longer than data.max_length={max_length} tokens")
+    pixels = processor.transform(images) if images else None
+    if pixels is not None:  # images the shared start holds are encoded once; the others once per turn
+        in_shared = first[:shared].count(processor.image_token_id) // processor.num_image_tokens
+        pixels = torch.cat([pixels[:in_shared]] + [pixels[in_shared:]] * len(encoded))
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "pixel_values": pixels,
+        "segments": (shared, [len(e) - shared for e, _ in encoded]),
+        "bad": [],
+    }
+
+
+def tree_mask(segments: list[tuple[int, list[int]]], width: int) -> tuple[Tensor, Tensor]:
+    """Rows of (shared length, turn lengths) -> `position_ids` (B, width) and a boolean attention mask
+    (B, 1, width, width), True where a query may attend: causal, and a turn sees the shared start and itself only.
+    Padding (position 0) attends to itself."""
+    positions = torch.zeros((len(segments), width), dtype=torch.long)
+    owner = torch.full((len(segments), width), -1, dtype=torch.long)  # 0: shared start, k: turn k, -1: padding
+    for r, (shared, lengths) in enumerate(segments):
+        positions[r, :shared] = torch.arange(shared)
+        owner[r, :shared] = 0
+        start = shared
+        for k, n in enumerate(lengths, 1):
+            positions[r, start : start + n] = torch.arange(shared, shared + n)
+            owner[r, start : start + n] = k
+            start += n
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    query, key = owner.unsqueeze(2), owner.unsqueeze(1)
+    allowed = causal & (key != -1) & (query != -1) & ((key == 0) | (key == query))
+    allowed |= torch.eye(width, dtype=torch.bool)  # no row without a key: padding sees itself
+    return positions, allowed.unsqueeze(1)
 
 
 def _cat(pixels: list[Tensor | None]) -> Tensor | None:
@@ -109,6 +188,9 @@ class Collator:
     def _pad(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.processor.pad([s["input_ids"] for s in samples], "right", [s["labels"] for s in samples])
         batch["pixel_values"] = _cat([s["pixel_values"] for s in samples])
+        if any("segments" in s for s in samples):  # independent turns: a tree mask instead of the padding mask
+            segments = [s.get("segments", (len(s["input_ids"]), [])) for s in samples]
+            batch["position_ids"], batch["attention_mask"] = tree_mask(segments, batch["input_ids"].shape[1])
         return batch
 
     def _pack(self, samples: list[dict[str, Any]]) -> dict[str, Any]:

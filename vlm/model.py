@@ -192,9 +192,14 @@ class VisionLanguageModel(nn.Module):
         Padded rows pass `attention_mask` (positions then count real tokens only). Packed rows pass `position_ids`
         restarting at 0 at each sample and no `attention_mask`: attention stays inside each sample, and a token at
         position 0 is never a target, so no sample predicts the next one's first token. Explicit positions win.
+        Rows of independent turns pass `position_ids` and a boolean (B, 1, T, T) mask of what each token may see.
         """
         embeds = self.embed(input_ids, pixel_values)
-        if position_ids is None and attention_mask is not None:  # count real tokens only: left padding changes nothing
+        if attention_mask is not None and attention_mask.dim() == 4:  # a tree of turns (vlm.collate.tree_mask)
+            attention_mask = torch.zeros(attention_mask.shape, dtype=embeds.dtype, device=embeds.device).masked_fill(
+                ~attention_mask.to(embeds.device), torch.finfo(embeds.dtype).min
+            )
+        elif position_ids is None and attention_mask is not None:  # count real tokens only: left padding is no token
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         if position_ids is not None and attention_mask is None:
             check_packing(self.decoder)

@@ -53,6 +53,9 @@ OBJECT_SIZE = 11
 
 BACKGROUND = (255, 255, 255)
 
+CAPTION_PROMPT = "Describe the image."
+"""The question of a caption turn in a conversation row (``chat_caption``): vlm's default caption prompt."""
+
 CHAT_TURNS = 5
 """Questions per conversation row in ``{split}_chat.jsonl``."""
 
@@ -395,16 +398,18 @@ def generate_shapes(
     seed: int = 0,
     explain: bool | list[str] | str = False,
     explain_cell: int = 0,
+    chat_turns: int = CHAT_TURNS,
+    chat_caption: bool = False,
 ) -> dict:
     """Generate the Sort-of-CLEVR benchmark (Santoro et al. 2017) as PNG images and JSONL files.
 
     Writes ``images/{split}_{index:05d}.png``, question files ``{split}.jsonl`` (20 questions per image: 10
     non-relational, 10 relational), their relational rows alone in ``{split}_relational.jsonl`` (a recipe lists
     that file beside the full one to weight relational questions up), caption files ``{split}_captions.jsonl``
-    (one caption per image) and ``{split}_chat.jsonl`` (the same 20 questions per image as 4 multi-turn
-    conversations of 5, in shuffled order: training reads each image once per 5 answers, in rows about as long as a
-    caption row) for the train, val and test splits. The output is fully determined by the seed; existing files are
-    overwritten.
+    (one caption per image) and ``{split}_chat.jsonl`` (the same 20 questions per image as multi-turn
+    conversations of `chat_turns`, in shuffled order: with 5, training reads each image once per 5 answers, in rows
+    about as long as a caption row; with 20 and `data.independent_turns`, once per 20) for the train, val and test
+    splits. The output is fully determined by the seed; existing files are overwritten.
 
     Args:
         out: Output folder; created if missing.
@@ -419,6 +424,10 @@ def generate_shapes(
         explain_cell: Explained closest/furthest answers first name the asked-about object's cell on a grid of
             squares this many pixels wide, column then row from 0 (``"4 1 green circle"``); 15 is the ``shapes``
             preset's patch grid. 0 (the default) names no cell.
+        chat_turns: Questions per conversation row in ``{split}_chat.jsonl`` (1 to 20).
+        chat_caption: End each conversation row with one more turn: the caption, asked for with
+            ``CAPTION_PROMPT`` (vlm's default caption prompt). With ``chat_turns=20`` and `data.independent_turns`,
+            one row then trains everything there is to say about an image.
 
     Returns:
         Summary dict: ``out``, ``seed``, and per split (``splits[name]``) the numbers of ``images``, ``questions``
@@ -435,6 +444,9 @@ def generate_shapes(
     seed = check_int("seed", seed)
     explained = _explained_subtypes(explain)
     cell = check_int("explain_cell", explain_cell)
+    turns_per_row = check_int("chat_turns", chat_turns)
+    if not 1 <= turns_per_row <= 20:
+        raise ValueError(f"chat_turns must be between 1 and 20 (the questions of one image), got {turns_per_row}")
     if cell and not {"closest_shape", "furthest_shape"} & set(explained):
         raise ValueError("explain_cell names a cell in explained closest/furthest answers: explain one of them too")
     if cell > IMAGE_SIZE:
@@ -477,8 +489,10 @@ def generate_shapes(
                 fc.write(json.dumps({"image": rel, "caption": caption_for_scene(scene)}) + "\n")
                 # Shuffled so every question type also comes first, as it does when asked on its own.
                 order = rng.permutation(len(questions))
-                for start in range(0, len(order), CHAT_TURNS):
-                    turns = conversation([questions[i] for i in order[start : start + CHAT_TURNS]])
+                for start in range(0, len(order), turns_per_row):
+                    turns = conversation([questions[i] for i in order[start : start + turns_per_row]])
+                    if chat_caption:
+                        turns += conversation([{"question": CAPTION_PROMPT, "answer": caption_for_scene(scene)}])
                     fchat.write(json.dumps({"image": rel, "conversations": turns}) + "\n")
         summary["splits"][split] = {
             "images": n,
