@@ -37,6 +37,7 @@ from vlm.errors import VLMError
 from vlm.explain import METHODS, Method, explain_answer
 from vlm.generation import GenerationOptions, generate_texts
 from vlm.images import load_image
+from vlm.inference import Device
 
 
 def blank(image: Image.Image, grid: tuple[int, int], cells: list[int]) -> Image.Image:
@@ -90,7 +91,7 @@ def explain_bench(
     shapes_seed: int = 0,
     seed: int = 0,
     max_new_tokens: int = 8,
-    device: str = "auto",
+    device: Device = "auto",
 ) -> dict[str, Any]:
     """Check the explanation maps against the shapes benchmark: pointing game, deletion curve and map uniformity per
     method, beside a random map (see eval/explain_bench.py and docs/explain.md).

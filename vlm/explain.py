@@ -220,7 +220,7 @@ def explain_answer(
         grid=grid,
         tokens=[processor.tokenizer.decode([t]) for t in answer_ids],
         token_scores=token_scores,
-        words=answer.split(),
+        words=[processor.decode(answer_ids[g[0] : g[-1] + 1]) for g in groups],
         word_scores=torch.stack([normalise(token_scores[g].mean(0).flatten()).view(grid) for g in groups]),
     )
 
@@ -243,7 +243,7 @@ def draw(explanation: Explanation, image: Image.Image, path: str | Path) -> None
     width, height = image.size
     top = max(float(s.max()) for _, s in panels[1:])
     for ax, (title, scores) in zip(axes.flat, panels):
-        ax.imshow(image)
+        ax.imshow(image, extent=(0, width, height, 0))
         if scores is not None:
             shown = ax.imshow(
                 scores.numpy(),
