@@ -94,7 +94,7 @@ def explain_bench(
     device: Device = "auto",
 ) -> dict[str, Any]:
     """Check the explanation maps against the shapes benchmark: pointing game, deletion curve and map uniformity per
-    method, beside a random map (see eval/explain_bench.py and docs/explain.md).
+    method, beside a random map (what each measures: docs/explain.md).
 
     Args:
         data: A `vlm data shapes` question file (e.g. data/shapes/test.jsonl).
@@ -116,6 +116,8 @@ def explain_bench(
     if grid is None or grid[0] != grid[1] or IMAGE_SIZE % grid[1]:
         raise VLMError(f"the model's image tokens must be a square grid that tiles {IMAGE_SIZE} px, got {grid}")
     patch, cells = IMAGE_SIZE // grid[1], grid[0] * grid[1]
+    if max_k > cells:
+        raise VLMError(f"max_k must be at most the {cells} patches of the model's grid, got {max_k}")
     gen = GenerationOptions(max_new_tokens=max_new_tokens)
     rng = random.Random(seed)
     totals = {m: {"pointing": 0, "uniformity": 0.0, "deletion": [0] * max_k} for m in methods}
