@@ -476,6 +476,8 @@ SEEDED_COMMANDS = {
     "caption": ["{img}", "--model", "{ckpt}"],
     "ask": ["{img}", "What?", "--model", "{ckpt}"],
     "chat": ["{img}", "--model", "{ckpt}"],
+    "explain": ["{img}", "--model", "{ckpt}"],
+    "explain-bench": ["--data", "q.jsonl", "--model", "{ckpt}"],
     "eval": ["--data", "q.jsonl", "--model", "{ckpt}"],
     "init": ["new"],
     "data shapes": ["--out", "out"],

@@ -32,6 +32,7 @@ from vlm.collate import Collator, encode_sample
 from vlm.config import PARTS
 from vlm.data import Example, load_row_images, single_image_rows
 from vlm.errors import VLMError
+from vlm.explain import attention_weights
 from vlm.processor import IGNORE_INDEX
 
 
@@ -78,31 +79,16 @@ def _norms_and_dependence(model, batches: list[dict[str, Any]]) -> dict[str, Any
     }
 
 
-@torch.no_grad()
 def _attention_to_image(model, batch: dict[str, Any]) -> list[float]:
-    decoder = model.decoder
-    before = decoder.config._attn_implementation
-    decoder.set_attn_implementation("eager")
-    try:
-        embeds = model.embed(batch["input_ids"], batch["pixel_values"])
-        mask = batch["attention_mask"]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with model._positioned(batch["input_ids"]):
-            out = decoder(
-                inputs_embeds=embeds,
-                attention_mask=mask,
-                position_ids=positions,
-                output_attentions=True,
-                use_cache=False,
-            )
-    finally:
-        decoder.set_attn_implementation(before)
+    mask = batch["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    layers = attention_weights(model, batch["input_ids"], mask, batch["pixel_values"], positions)
     # Positions whose next token is an answer token: they are the ones that produce the answer.
     asking = torch.zeros_like(mask, dtype=torch.bool)
     asking[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX
     image = (batch["input_ids"] == model.image_token_id).float()  # (B, T)
     shares = []
-    for attn in out.attentions:  # (B, heads, T, T)
+    for attn in layers:  # (B, heads, T, T)
         to_image = (attn.mean(1) * image[:, None, :]).sum(-1)  # (B, T): each query's attention on image tokens
         shares.append(round(float(to_image[asking].mean()), 4))
     return shares

@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "caption": ("vlm.commands:caption", "caption images, folders or JSONL files"),
     "ask": ("vlm.commands:ask", "answer a question about an image, or a JSONL file of questions"),
     "chat": ("vlm.commands:chat", "talk about an image, turn by turn"),
+    "explain": ("vlm.explain:explain", "draw which image patches an answer rests on (heat map PNG + JSON scores)"),
     "init": ("vlm.commands:init", "write an untrained checkpoint of a preset"),
     "eval": ("vlm.eval.evaluate:evaluate", "score a model (or a predictions file) on a VQA or caption benchmark"),
     "fit": ("vlm.train.cli:main", "train a model (LightningCLI; --config samples/configs/NAME.yaml)"),
@@ -50,6 +51,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "diagnose": ("vlm.train.diagnose:diagnose", "measure whether a model reads the image (norms, probes, attention)"),
     "shapes-report": ("vlm.eval.benchmarks.shapes_report:shapes_report", "read shapes answers back against the scenes"),
+    "explain-bench": (
+        "vlm.eval.explain_bench:explain_bench",
+        "check explanation maps on the shapes benchmark: pointing game, deletion, uniformity",
+    ),
     "bench": ("vlm.eval.bench:bench", "measure training and generation speed against a transformers LLaVA baseline"),
     "baselines": (
         "vlm.eval.baselines.cnn:baselines",
@@ -60,13 +65,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "linear-probe accuracy of a frozen image encoder: the ceiling for its VLM",
     ),
 }
-OPTIONAL_POSITIONALS: dict[str, tuple[str, ...]] = {"ask": ("image", "question")}
+OPTIONAL_POSITIONALS: dict[str, tuple[str, ...]] = {"ask": ("image", "question"), "explain": ("image", "question")}
 # Required parameters that read better as options than as positionals.
 REQUIRED_OPTIONS: dict[str, tuple[str, ...]] = {
     "data shapes": ("out",),
     "data fashion-mnist": ("out",),
     "data objects": ("out",),
     "diagnose": ("data",),
+    "explain-bench": ("data",),
     "baselines": ("train", "test"),
     "probe": ("train", "test"),
 }

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 from PIL import Image
+from torch import Tensor
 from transformers import TextStreamer
 
 from vlm.decoder import context_length
@@ -108,6 +109,21 @@ def generate_texts(
 
     With `stream`, tokens of a one-sample batch are printed to stdout as they are produced.
     """
+    out = generate_ids(model, processor, prompts, images, options, history, stream, placeholders)
+    return [processor.decode(seq) for seq in out]
+
+
+def generate_ids(
+    model: VisionLanguageModel,
+    processor: Processor,
+    prompts: list[str],
+    images: list[list[Image.Image]],
+    options: GenerationOptions | None = None,
+    history: list[list[dict[str, str]]] | None = None,
+    stream: bool = False,
+    placeholders: list[bool] | None = None,
+) -> Tensor:
+    """The new token ids (B, T_new) behind `generate_texts`' answers (same arguments), stop and pad tokens included."""
     options = options or GenerationOptions()
     batch = processor(prompts, images, history, placeholders)
     limit = context_length(model.decoder)
@@ -124,5 +140,4 @@ def generate_texts(
     streamer = None
     if stream and len(prompts) == 1 and options.num_beams == 1:
         streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    out = model.generate(**batch, **options.hf_kwargs(processor), streamer=streamer)
-    return [processor.decode(seq) for seq in out]
+    return model.generate(**batch, **options.hf_kwargs(processor), streamer=streamer)

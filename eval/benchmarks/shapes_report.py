@@ -46,7 +46,8 @@ from vlm.eval.benchmarks.shapes import (
 from vlm.data import json_lines
 from vlm.errors import VLMError
 
-_IMAGE_NAME = re.compile(r"(?:^|/)(" + "|".join(SPLITS) + r")_(\d+)\.png$")
+# A `vlm data shapes` image path: its split and index, from which `scene_for` rebuilds its objects.
+IMAGE_NAME = re.compile(r"(?:^|/)(" + "|".join(SPLITS) + r")_(\d+)\.png$")
 _QUESTION = {
     subtype: re.compile("^" + re.escape(template).replace(re.escape("{c}"), "(" + "|".join(COLOR_NAMES) + ")") + "$")
     for subtype, template in _TEMPLATES.items()
@@ -55,7 +56,8 @@ _RANKED = ("closest_shape", "furthest_shape")
 _MEASURES = ("distance", "vertical", "horizontal", "sequence")
 
 
-def _patches(obj: Obj, patch: int) -> set[tuple[int, int]]:
+def object_patches(obj: Obj, patch: int) -> set[tuple[int, int]]:
+    """The (column, row) cells of a grid of `patch`-pixel squares that the object's bounding box touches."""
     x0, y0, x1, y1 = obj.bbox
     return {(px, py) for px in range(x0 // patch, x1 // patch + 1) for py in range(y0 // patch, y1 // patch + 1)}
 
@@ -79,7 +81,7 @@ def _measure(name: str, patch: int):
     return key
 
 
-def _question(row: dict[str, Any]) -> tuple[str, str] | None:
+def shapes_question(row: dict[str, Any]) -> tuple[str, str] | None:
     """``(subtype, colour)`` of a shapes question row, or None for any other row (a caption, another benchmark)."""
     question = row.get("question")
     if not isinstance(question, str):
@@ -142,12 +144,12 @@ def shapes_report(predictions: str, seed: int = 0, patch: int = 15) -> dict:
                 raise VLMError(f"{path}:{line_number}: {e}") from None
             caption_rows += 1
             continue
-        asked = _question(row)
+        asked = shapes_question(row)
         if asked is None or asked[0] not in counts:
             skipped += asked is None
             continue
         subtype, color = asked
-        m = _IMAGE_NAME.search(str(row.get("image", "")))
+        m = IMAGE_NAME.search(str(row.get("image", "")))
         if not m:
             raise VLMError(
                 f"{path}:{line_number}: image {row.get('image')!r} is not named like a `vlm data shapes` image "
@@ -181,7 +183,7 @@ def shapes_report(predictions: str, seed: int = 0, patch: int = 15) -> dict:
                 c["named_other"] += 1
             for m, o in picked.items():
                 c[f"by_{m}"] += o.color == words[-2]
-        where = "shared" if _patches(x, patch) & _patches(target, patch) else "apart"
+        where = "shared" if object_patches(x, patch) & object_patches(target, patch) else "apart"
         c[where] += 1
         c[f"{where}_right"] += right
     if not caption_rows and not any(c["questions"] for c in counts.values()):
