@@ -212,7 +212,7 @@ def test_expanding_the_decoder_keeps_its_outputs_and_new_layers_learn(family, pi
     with torch.no_grad():
         torch.testing.assert_close(deeper(**batch).logits, model(**batch).logits, atol=1e-5, rtol=1e-5)
     prompts = processor(["<image>\nWhat colour is it?", "hello there"], [[pil_images[0]], []])
-    kwargs = GenerationOptions(max_new_tokens=6).hf_kwargs(processor)
+    kwargs = {"options": GenerationOptions(max_new_tokens=6), "stop_token_ids": processor.stop_token_ids}
     assert torch.equal(deeper.generate(**prompts, **kwargs), model.generate(**prompts, **kwargs))  # with the cache
     # The zeroed projections get gradients, so the new layers train.
     deeper.train()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,10 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from vlm import decode
 from vlm.config import VLMConfig
 from vlm.decoder import PACKAGE_PREFIX, build_decoder, expand_layers, package_file
 from vlm.encoders import ImageEncoder, create_encoder
 from vlm.errors import VLMError
+from vlm.generation import GenerationOptions
 from vlm.positions import IMAGE_POSITIONS, grid_offsets, use_grid_rotary
 from vlm.processor import IGNORE_INDEX
 from vlm.projector import build_projector, num_output_tokens, output_grid
@@ -211,15 +214,28 @@ class VisionLanguageModel(nn.Module):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         return VLMOutput(loss=loss, logits=logits)
 
-    @torch.no_grad()
     def generate(
-        self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None = None, **generate_kwargs
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        pixel_values: Tensor | None = None,
+        options: GenerationOptions | None = None,
+        stop_token_ids: Sequence[int] = (),
+        pad_token_id: int = 0,
+        streamer=None,
     ) -> Tensor:
-        """New token ids (B, T_new) for left-padded prompts; `generate_kwargs` go to transformers' `generate`
-        (KV cache, greedy / sampling / beam search, stopping, streaming)."""
-        embeds = self.embed(input_ids, pixel_values)
-        with self._positioned(input_ids):  # the offsets apply to the prompt's forward pass only
-            return self.decoder.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+        """New token ids (B, T_new) for left-padded prompts, by the own decode loop (`vlm.decode.generate`: KV cache,
+        greedy / sampling, stop tokens per row, streaming; beam search on transformers' `generate`)."""
+        return decode.generate(
+            self,
+            input_ids,
+            attention_mask,
+            pixel_values,
+            options or GenerationOptions(),
+            stop_token_ids,
+            pad_token_id,
+            streamer,
+        )
 
 
 def packing_problem(decoder: PreTrainedModel) -> str | None:
