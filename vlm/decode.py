@@ -234,6 +234,9 @@ def generate(
     cache = KVCache(out.cache, attention_mask, -(-(prompt + n) // SLOTS) * SLOTS)
     compile = options.compile if options.compile is not None else input_ids.device.type == "cuda"
     step = _step_for(decoder, compile)
+    if compile and input_ids.device.type == "cuda":  # CUDA graphs replay reading and writing these very tensors
+        for t in (*cache.keys, *cache.values, cache.valid, cache.slot):
+            torch._dynamo.mark_static_address(t)
     logits = out.logits[:, -1].float()
     positions = positions[:, -1:] + 1
     stops = torch.tensor(list(stop_token_ids), device=input_ids.device, dtype=torch.long)

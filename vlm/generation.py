@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
+
+from PIL import Image
 
 from vlm.errors import OptionError, VLMError
-
-if TYPE_CHECKING:
-    from PIL import Image
-
-    from vlm.processor import Processor
 
 DEFAULT_MAX_NEW_TOKENS = 64
 
@@ -96,7 +93,7 @@ class GenerationOptions:
 
 def generate_texts(
     model,
-    processor: Processor,
+    processor,
     prompts: list[str],
     images: list[list[Image.Image]],
     options: GenerationOptions | None = None,
@@ -104,7 +101,8 @@ def generate_texts(
     stream: bool = False,
     placeholders: list[bool] | None = None,
 ) -> list[str]:
-    """Answers for a batch: sample i is `prompts[i]` about `images[i]` (after `history[i]`, if given).
+    """Answers for a batch: sample i is `prompts[i]` about `images[i]` (after `history[i]`, if given), from a
+    `VisionLanguageModel` and its `Processor`.
 
     The prompts are plain text; `placeholders[i]` says that `<image>` in prompt i marks where its images go instead
     (a data file's conversation).
