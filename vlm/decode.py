@@ -2,11 +2,11 @@
 
 The prefill is the decoder's own forward over the prompt (image embeddings written in, `grid` image positions, left
 padding), exactly the computation transformers' `generate` starts with. Its keys and values are copied into a cache
-allocated once for the prompt and every new token; each step then runs the decoder's own layers on one token per row
-over that cache, with a mask of the cache's filled, non-padding slots. What the step leaves out is transformers'
-per-token machinery (mask building, a growing cache, logits processors, stopping criteria objects), which is most of
-a small decoder's time per token. The shape of the step does not change from token to token, so `torch.compile`
-compiles it once per batch shape (`mode="reduce-overhead"`, CUDA graphs, on a GPU).
+allocated once for the prompt and every new token; each step then runs one token per row through each layer's own
+norms, projections and MLP (`BLOCKS`), attending over that cache with a mask of its filled, non-padding slots. What
+the step leaves out is transformers' per-token machinery (mask building, a growing cache, logits processors, stopping
+criteria objects). Its shapes do not change from token to token, so `torch.compile` compiles it once per batch shape
+(`mode="reduce-overhead"`, CUDA graphs, on a GPU); eager, a small decoder's step is still bound by per-op overhead.
 
 The layout follows gpt-fast and litgpt (a preallocated cache, prefill and step as separate functions, sampling in a
 few lines); the sampling follows transformers' processors in their order (repetition penalty over the new tokens,
