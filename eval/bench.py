@@ -56,6 +56,20 @@ FOLDER_IMAGES = 32  # images in the folder the data pipeline and folder captioni
 # The packing length mix: text lengths log-normal with median text_tokens / 2 and this sigma (a few long
 # conversations among many short answers), clipped to [4, 4 x text_tokens] and to the decoder's context.
 MIX_SIGMA = 1.0
+# How each model generates, each timed: record key -> the setting that picks it (vlm: `GenerationOptions.compile`, the
+# own decode loop eager or with its step compiled; transformers: `generate`'s cache_implementation, None for its default
+# dynamic cache). The first of each is the pair the main table compares.
+GENERATION_PATHS = {
+    "vlm": {"generate": False, "generate_compiled": True},
+    "baseline": {"generate": None, "generate_static": "static"},
+}
+# Generation ratios: name -> (vlm's path, the baseline's path).
+RATIO_PAIRS = {
+    "generate": ("generate", "generate"),
+    "generate_vs_static": ("generate", "generate_static"),
+    "generate_compiled": ("generate_compiled", "generate"),
+    "generate_compiled_vs_static": ("generate_compiled", "generate_static"),
+}
 
 
 def _timed(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
@@ -169,7 +183,7 @@ def _inputs(processor: Processor, shapes: dict[str, Any], batch_size: int, gen_b
 
 def _measure(net: nn.Module, processor: Processor, train_batch, gen_batches, shapes, args, peak: float) -> dict:
     """Training step and generation figures for one model (vlm or transformers' LLaVA: same call signatures)."""
-    device, dtype, steps, warmup, new_tokens = args
+    device, dtype, steps, warmup = args[:4]
     to = lambda b: {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in b.items()}  # noqa: E731
     losses: list[float] = []
     step = _train_step(net, to(train_batch), losses)
@@ -194,30 +208,46 @@ def _measure(net: nn.Module, processor: Processor, train_batch, gen_batches, sha
         "first_loss": losses[0],
     }
     net.eval()
-    returns_prompt = not isinstance(net, VisionLanguageModel)  # transformers' generate returns prompt + new tokens
+    own = isinstance(net, VisionLanguageModel)
     stop = set(processor.stop_token_ids) | {processor.tokenizer.pad_token_id}
+    record = {"train": train}
+    for path, setting in GENERATION_PATHS["vlm" if own else "baseline"].items():
+        if path == "generate_compiled" and not args[-1]:
+            continue
+        record[path] = _generation(net, processor, gen_batches, setting, to, args, stop)
+    return record
+
+
+def _generation(net: nn.Module, processor: Processor, gen_batches, setting: Any, to, args, stop: set[int]) -> dict:
+    """New tokens/s and time to first token per batch size, greedy, for one way of generating (`GENERATION_PATHS`)."""
+    _, _, steps, _, new_tokens, _ = args
+    own = isinstance(net, VisionLanguageModel)
     gen_repeats = min(steps, 5)
-    generate = {}
+    figures = {}
     for size, gen_batch in gen_batches.items():
         inputs = to(gen_batch)
         prompt_len = inputs["input_ids"].shape[1]
 
         def run(n: int, inputs=inputs) -> torch.Tensor:
-            # min_new_tokens: an end-of-turn token must not end a timed run early.
-            kw = GenerationOptions(max_new_tokens=n).hf_kwargs(processor)
             with torch.no_grad():
-                return net.generate(**inputs, **kw, min_new_tokens=n)
+                if own:  # no stop tokens: an end-of-turn token must not end a timed run early
+                    options = GenerationOptions(max_new_tokens=n, compile=setting)
+                    return net.generate(**inputs, options=options, pad_token_id=processor.tokenizer.pad_token_id)
+                kw = GenerationOptions(max_new_tokens=n).hf_kwargs(
+                    processor.stop_token_ids, processor.tokenizer.pad_token_id
+                )  # min_new_tokens: likewise
+                return net.generate(**inputs, **kw, min_new_tokens=n, cache_implementation=setting)
 
-        out = run(new_tokens)  # also the warm-up
-        new = out[:, prompt_len:] if returns_prompt else out
+        out = run(new_tokens)  # also the warm-up (and, for a compiled step, its compiling)
+        new = out if own else out[:, prompt_len:]  # transformers' generate returns prompt + new tokens
         real = min(sum(int(t) not in stop for t in row) for row in new.tolist())
         gen_s = _timed(lambda: run(new_tokens), gen_repeats, 0)
-        generate[str(size)] = {
+        figures[str(size)] = {
             "new_tokens_per_sample": real,
             "tokens_per_s": size * real / gen_s,
             "ttft_s": _timed(lambda: run(1), gen_repeats, 0),
         }
-    return {"train": train, "generate": generate}
+    return figures
 
 
 def _train_step(net: nn.Module, batch: dict[str, Any], losses: list[float]) -> Callable[[], None]:
@@ -265,7 +295,7 @@ def _packing(net: nn.Module, processor: Processor, samples: list[dict], pack_tok
     """Padded vs packed training steps on the same samples (see the module docstring)."""
     from vlm.collate import Collator
 
-    device, dtype, steps, warmup, _ = args
+    device, dtype, steps, warmup = args[:4]
     lengths = [len(s["input_ids"]) - s["input_ids"].count(processor.image_token_id) for s in samples]
     real = sum(len(s["input_ids"]) for s in samples)
     pack_tokens = pack_tokens or 2 * max(len(s["input_ids"]) for s in samples)
@@ -338,22 +368,32 @@ def _data_rate(processor: Processor, folder: Path, batch_size: int, steps: int) 
 
 
 def _end_to_end(model_dir: Path, folder: Path, device: str, dtype: str, repeats: int, tmp: Path) -> dict[str, Any]:
-    """`vlm caption` on one image in a fresh process (start, imports and load included), and on a folder."""
+    """`vlm caption` on one image in a fresh process (start, imports and load included), and on a folder; fresh
+    processes that end early (`vlm --help`, a missing image, a bad option) and `python -c "import torch"`."""
     from vlm.checkpoint import open_model
     from vlm.generation import GenerationOptions
     from vlm.images import list_images
 
-    script = shutil.which("vlm")
-    cmd = [script] if script else [sys.executable, "-m", "vlm.cli"]
+    script = shutil.which("vlm", path=str(Path(sys.executable).parent)) or shutil.which("vlm")  # this install's
+    vlm = [script] if script else [sys.executable, "-m", "vlm.cli"]
     image = list_images(folder)[0]
-    cmd += ["caption", str(image), "--model", str(model_dir), "--device", device, "--dtype", dtype]
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        times.append(time.perf_counter() - start)
-        if done.returncode != 0:
-            raise VLMError(f"`{' '.join(cmd)}` failed: {done.stderr.strip()[-500:]}", exit_code=1)
+    caption = ["caption", str(image), "--model", str(model_dir), "--device", device, "--dtype", dtype]
+    runs = {  # name -> (command, its exit code)
+        "import_torch": ([sys.executable, "-c", "import torch"], 0),
+        "help": ([*vlm, "--help"], 0),
+        "missing_image": ([*vlm, "caption", str(tmp / "missing.png"), "--model", str(model_dir)], 2),
+        "bad_option": ([*vlm, *caption, "--top_p", "3"], 2),
+        "caption": ([*vlm, *caption], 0),
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):  # in turns, like the models: a machine whose speed drifts moves all alike
+        for name, (cmd, code) in runs.items():
+            start = time.perf_counter()
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            times[name].append(time.perf_counter() - start)
+            if done.returncode != code:
+                raise VLMError(f"`{' '.join(cmd)}` exited {done.returncode}: {done.stderr.strip()[-500:]}", exit_code=1)
+    ratios = [c / t for c, t in zip(times["caption"], times["import_torch"], strict=True)]
     start = time.perf_counter()  # what `vlm caption FOLDER` runs once its model is loaded
     net, processor = open_model(str(model_dir), device, dtype)
     items, _ = items_from_inputs([str(folder)], processor.caption_prompt)
@@ -363,7 +403,9 @@ def _end_to_end(model_dir: Path, folder: Path, device: str, dtype: str, repeats:
         raise VLMError(f"captioning {folder} failed: {failed[0]}", exit_code=1)
     return {
         "model": str(model_dir),
-        "caption_latency_s": statistics.median(times),
+        "caption_latency_s": statistics.median(times["caption"]),
+        "start_s": {name: statistics.median(t) for name, t in times.items()},
+        "caption_vs_import_torch": statistics.median(ratios),
         "folder_images_per_s": len(list_images(folder)) / folder_s,
         "folder_images": len(list_images(folder)),
     }
@@ -371,13 +413,13 @@ def _end_to_end(model_dir: Path, folder: Path, device: str, dtype: str, repeats:
 
 def _ratios(vlm: dict, base: dict) -> dict[str, Any]:
     keys = ("samples_per_s", "tokens_per_s", "mfu", "peak_memory_mb")
-    return {
-        "train": {k: vlm["train"][k] / base["train"][k] for k in keys},
-        "generate": {
-            b: {k: g[k] / base["generate"][b][k] for k in ("tokens_per_s", "ttft_s")}
-            for b, g in vlm["generate"].items()
-        },
-    }
+    ratios: dict[str, Any] = {"train": {k: vlm["train"][k] / base["train"][k] for k in keys}}
+    for name, (ours, theirs) in RATIO_PAIRS.items():
+        if ours in vlm and theirs in base:
+            ratios[name] = {
+                b: {k: g[k] / base[theirs][b][k] for k in ("tokens_per_s", "ttft_s")} for b, g in vlm[ours].items()
+            }
+    return ratios
 
 
 def _median_tree(trees: list[Any]) -> Any:
@@ -434,28 +476,43 @@ def _table(r: dict[str, Any]) -> str:
         "",
         f"{'median':<44}{'vlm':>11}{'baseline':>11}{'vlm/base':>10}",
     ]
-    rows = [
+    rows = [  # (name, the vlm figure's path, the baseline's, the ratio's)
         (f"train samples/s (batch {r['settings']['batch_size']})", ("train", "samples_per_s")),
         ("train tokens/s", ("train", "tokens_per_s")),
         ("train MFU", ("train", "mfu")),
         (f"train memory MB ({r['vlm']['train']['memory_kind']})", ("train", "peak_memory_mb")),
         ("train first loss (equal if exported)", ("train", "first_loss")),
     ]
+    rows = [(name, path, path, path) for name, path in rows]
     for b in r["vlm"]["generate"]:
-        rows += [(f"generate batch {b}: new tokens/s", ("generate", b, "tokens_per_s"))]
-        rows += [(f"generate batch {b}: time to first token s", ("generate", b, "ttft_s"))]
+        for what, key in (("new tokens/s", "tokens_per_s"), ("time to first token s", "ttft_s")):
+            rows.append(
+                (f"generate batch {b}: {what}", ("generate", b, key), ("generate", b, key), ("generate", b, key))
+            )
+        rows += [
+            ("  compiled step vs default: new tokens/s", ("generate_compiled", b, "tokens_per_s"),
+             ("generate", b, "tokens_per_s"), ("generate_compiled", b, "tokens_per_s")),
+            ("  eager vs static cache: new tokens/s", ("generate", b, "tokens_per_s"),
+             ("generate_static", b, "tokens_per_s"), ("generate_vs_static", b, "tokens_per_s")),
+            ("  compiled vs static cache: new tokens/s", ("generate_compiled", b, "tokens_per_s"),
+             ("generate_static", b, "tokens_per_s"), ("generate_compiled_vs_static", b, "tokens_per_s")),
+        ]  # fmt: skip
 
     def get(d: dict | None, path: tuple[str, ...]) -> str:
         for key in path:
             d = d.get(key) if isinstance(d, dict) else None
         return _fmt(d)
 
-    for name, path in rows:
-        lines.append(f"{name:<44}{get(r['vlm'], path):>11}{get(r['baseline'], path):>11}{get(r['ratios'], path):>10}")
+    for name, ours, theirs, ratio in rows:
+        lines.append(
+            f"{name:<44}{get(r['vlm'], ours):>11}{get(r['baseline'], theirs):>11}{get(r['ratios'], ratio):>10}"
+        )
     extra = [(f"data: load + transform images/s ({r['data']['source_size'][0]}px)", r["data"]["images_per_s"])]
     if r["end_to_end"]:
         e = r["end_to_end"]
         extra += [("vlm caption IMG: s (start, import, load)", e["caption_latency_s"])]
+        extra += [("  / python -c 'import torch' (median ratio)", e["caption_vs_import_torch"])]
+        extra += [(f"  start: {name.replace('_', ' ')} s", t) for name, t in e["start_s"].items() if name != "caption"]
         extra += [(f"vlm caption FOLDER: images/s ({e['folder_images']}, load incl.)", e["folder_images_per_s"])]
     lines += [f"{name:<44}{_fmt(value):>11}" for name, value in extra]
     p = r["packing"]
@@ -499,15 +556,19 @@ def bench(
     dtype: DType = "auto",
     pack_tokens: int | None = None,
     baseline: bool = True,
+    compile: bool = True,
     output: str | None = None,
 ) -> int:
     """Measure training and generation speed against a transformers LLaVA baseline with the same shapes.
 
     Prints a table of medians and vlm/baseline ratios on stderr and a JSON record on stdout (or to --output).
     Training: full AdamW steps on random images and text; MFU is relative to a matmul timed in this process.
-    Generation: greedy, exactly new_tokens tokens; first-token time is a generate of one token. Also times the
-    data pipeline and, for --model or the default checkpoint, `vlm caption` end to end. Packing: the same step on
-    batch_size samples of spread lengths, padded vs packed (padding fraction, real tokens/s, loss).
+    Generation: greedy, exactly new_tokens tokens; first-token time is a generate of one token. vlm's own decode
+    loop is timed eager and with its step compiled, transformers' generate with its default and its static cache.
+    Also times the data pipeline and, for --model or the default checkpoint, `vlm caption` end to end and the
+    start of a fresh `vlm` process (--help, a missing image, a bad option) against `python -c "import torch"`.
+    Packing: the same step on batch_size samples of spread lengths, padded vs packed (padding fraction, real
+    tokens/s, loss).
 
     Args:
         preset: A named preset built with random weights: tiny, shapes, nanovlm-222m, llava-222m.
@@ -525,6 +586,8 @@ def bench(
         pack_tokens: Longest packed row of the packing comparison (as data.pack_tokens in training); default:
             twice the mix's longest sample.
         baseline: Also measure transformers' LlavaForConditionalGeneration.
+        compile: Also time the own decode loop with its step compiled (torch.compile; on a CPU each batch size first
+            compiles for a minute or more, untimed).
         output: Write the JSON record to this file instead of stdout.
     """
     import timm
@@ -559,7 +622,7 @@ def bench(
         if baseline:
             hf_dir, source, base_processor, note = _baseline_source(net, processor, Path(model) if model else None, tmp)
         n, peak = _matmul_peak(dev, dt)
-        args = (dev, dt, steps, warmup, new_tokens)
+        args = (dev, dt, steps, warmup, new_tokens, compile)
         models = {"vlm": (net.to(dt), processor, train_batch, gen_batches, shapes)}
         base_shapes = None
         if hf_dir is not None:

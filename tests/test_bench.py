@@ -42,6 +42,7 @@ def test_bench_tiny_record(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench_module.checkpoint, "DEFAULT_MODEL_DIR", tmp_path / "no-default-model")
     out = tmp_path / "bench.json"
     args = dict(steps=2, warmup=1, rounds=3, gen_batch_sizes=[1, 2], new_tokens=4, text_tokens=16, batch_size=4)
+    args["compile"] = False  # compiling the step takes minutes on a CPU
     assert bench(preset="tiny", output=str(out), **args) == 0
     r = json.loads(out.read_text())
 
@@ -51,9 +52,10 @@ def test_bench_tiny_record(tmp_path, monkeypatch, capsys):
     assert s["text_tokens"] == 16 and s["seq_len"] == s["image_tokens"] + 16
     for part in ("vlm", "baseline"):
         assert set(r[part]["train"]) >= {"samples_per_s", "tokens_per_s", "mfu", "peak_memory_mb", "first_loss"}
-        assert set(r[part]["generate"]) == {"1", "2"}
-        for g in r[part]["generate"].values():
-            assert g["new_tokens_per_sample"] == 4  # min_new_tokens: no early end of turn
+        second = {"vlm": "generate_compiled", "baseline": "generate_static"}[part]
+        assert set(r[part]["generate"]) == {"1", "2"} and set(r[part].get(second, {"1": 0, "2": 0})) == {"1", "2"}
+        for g in [*r[part]["generate"].values(), *r[part].get(second, {}).values()]:
+            assert g["new_tokens_per_sample"] == 4  # no early end of turn
             assert g["tokens_per_s"] > 0 and g["ttft_s"] > 0
         # throughput follows from the step time: samples/s * tokens per sample = tokens/s
         t = r[part]["train"]
@@ -62,7 +64,9 @@ def test_bench_tiny_record(tmp_path, monkeypatch, capsys):
     assert r["baseline"]["train"]["first_loss"] == pytest.approx(r["vlm"]["train"]["first_loss"], rel=1e-4)
     assert r["baseline_shapes"] == s
     assert set(r["ratios"]["train"]) == {"samples_per_s", "tokens_per_s", "mfu", "peak_memory_mb"}
-    assert set(r["ratios"]["generate"]) == {"1", "2"}
+    assert "generate_compiled" not in r["vlm"] and "generate_static" in r["baseline"]  # --no_compile; the static cache
+    assert set(r["ratios"]) == {"train", "generate", "generate_vs_static"}
+    assert set(r["ratios"]["generate"]) == set(r["ratios"]["generate_vs_static"]) == {"1", "2"}
     # Three rounds, the models taking turns: each figure is the median over rounds, each ratio the median of the
     # rounds' own ratios (not the ratio of the medians).
     rounds = r["rounds"]
@@ -96,7 +100,7 @@ def test_bench_tiny_record(tmp_path, monkeypatch, capsys):
 def test_bench_checkpoint_end_to_end(tiny_checkpoint: Path, tmp_path, capsys):
     """A checkpoint folder is measured as given, and `vlm caption` is timed on it end to end."""
     assert bench(model=str(tiny_checkpoint), steps=1, warmup=0, gen_batch_sizes=[1], new_tokens=2, text_tokens=4,
-                 batch_size=1, rounds=1, baseline=False) == 0  # fmt: skip
+                 batch_size=1, rounds=1, baseline=False, compile=False) == 0  # fmt: skip
     r = json.loads(capsys.readouterr().out)  # the record goes to stdout without --output
     assert r["model"] == str(tiny_checkpoint) and r["preset"] is None
     assert r["baseline"] is None and r["ratios"] is None and "skipped" in r["baseline_note"]
@@ -104,6 +108,9 @@ def test_bench_checkpoint_end_to_end(tiny_checkpoint: Path, tmp_path, capsys):
     e = r["end_to_end"]
     assert e["model"] == str(tiny_checkpoint) and e["folder_images"] > 1
     assert e["caption_latency_s"] > 0 and e["folder_images_per_s"] > 0
+    # Fresh processes: each ran (and exited as it should: 2 for the missing image and the bad option, else bench fails)
+    assert set(e["start_s"]) == {"import_torch", "help", "missing_image", "bad_option", "caption"}
+    assert e["start_s"]["caption"] == e["caption_latency_s"] and e["caption_vs_import_torch"] > 0
 
 
 def test_bench_bad_input(capsys):

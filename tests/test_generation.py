@@ -1,4 +1,5 @@
-"""Tests for generation (vlm/generation.py and VisionLanguageModel.generate): cache, batching, options, stopping."""
+"""Tests for generation (vlm/generation.py, the decode loop in vlm/decode.py and VisionLanguageModel.generate): the
+cache, the same tokens as transformers' `generate`, batching, options, stopping."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 from conftest import FAMILIES, build_tiny, family_config
 
+from vlm import decode
 from vlm.errors import OptionError, VLMError
 from vlm.generation import GenerationOptions, generate_texts
 
@@ -45,12 +47,20 @@ def _until_stop(row: list[int], stops: list[int]) -> list[int]:
     return row
 
 
+def _pad(processor) -> int:
+    return processor.tokenizer.pad_token_id
+
+
+def _generate(model, processor, batch, options: GenerationOptions) -> torch.Tensor:
+    return model.generate(
+        **batch, options=options, stop_token_ids=processor.stop_token_ids, pad_token_id=_pad(processor)
+    )
+
+
 def test_kv_cache_equals_greedy_recomputation(family, pil_images):
     model, processor = family
     batch = processor(PROMPTS, _images(pil_images))
-    kwargs = GenerationOptions(max_new_tokens=STEPS).hf_kwargs(processor)
-    cached = model.generate(**batch, **kwargs, use_cache=True)
-    assert kwargs["do_sample"] is False
+    cached = _generate(model, processor, batch, GenerationOptions(max_new_tokens=STEPS))
     reference = _greedy_without_cache(model, batch, STEPS)
     stops = processor.stop_token_ids
     for row in range(len(PROMPTS)):
@@ -106,27 +116,79 @@ def test_sampling_is_reproducible_with_a_seed(tiny, pil_images):
     assert generate_texts(model, processor, prompts, images, top1) == greedy
 
 
-def _decoder_texts(model, processor, batch, num_beams: int, steps: int) -> list[str]:
-    """transformers' own decoding, run directly on the decoder from the embeddings `VisionLanguageModel.generate` uses.
+def _transformers_generate(model, processor, batch, steps: int, num_beams: int = 1, **sampling) -> torch.Tensor:
+    """transformers' own decoding, run directly on the decoder from the embeddings `VisionLanguageModel.generate` uses
+    (image positions included): the path vlm took before its own decode loop.
 
     The keyword arguments are spelled out here, not taken from `GenerationOptions.hf_kwargs`, so that a bug there
     cannot hide in the reference too.
     """
-    with torch.no_grad():
-        embeds = model.embed(batch["input_ids"], batch["pixel_values"])
-        out = model.decoder.generate(
-            inputs_embeds=embeds,
+    greedy = {"temperature": None, "top_k": None, "top_p": None}
+    with torch.no_grad(), model._positioned(batch["input_ids"]):
+        return model.decoder.generate(
+            inputs_embeds=model.embed(batch["input_ids"], batch["pixel_values"]),
             attention_mask=batch["attention_mask"],
             max_new_tokens=steps,
             num_beams=num_beams,
-            do_sample=False,
-            temperature=None,
-            top_k=None,
-            top_p=None,
+            do_sample=bool(sampling),
+            **(sampling or greedy),
             eos_token_id=processor.stop_token_ids,
-            pad_token_id=processor.tokenizer.pad_token_id,
+            pad_token_id=_pad(processor),
         )
-    return [processor.decode(row) for row in out]
+
+
+def _decoder_texts(model, processor, batch, num_beams: int, steps: int) -> list[str]:
+    return [processor.decode(row) for row in _transformers_generate(model, processor, batch, steps, num_beams)]
+
+
+def test_own_loop_gives_transformers_greedy_tokens(family, pil_images):
+    """The own decode loop against transformers' `generate`, token for token: a left-padded batch, and batch 1."""
+    model, processor = family
+    assert decode.unsupported(model.decoder) is None  # the own loop runs, not the fallback
+    images, steps = _images(pil_images), 12
+    batch = processor(PROMPTS, images)
+    own = _generate(model, processor, batch, GenerationOptions(steps))
+    assert own.tolist() == _transformers_generate(model, processor, batch, steps).tolist()
+    assert batch["attention_mask"][:, 0].tolist().count(0) == 3  # three rows start with padding
+    one = processor(PROMPTS[2:3], images[2:3])
+    assert _generate(model, processor, one, GenerationOptions(steps)).tolist() == own[2:3].tolist()
+
+
+def test_own_sampling_and_penalty_follow_transformers(tiny, pil_images):
+    """Sampling (temperature, top-k, top-p) draws the same tokens as transformers' for a seed; the repetition penalty
+    changes the same logits. On one unpadded row: transformers' penalty skips a padded row's first new tokens."""
+    model, processor = tiny
+    batch = processor(PROMPTS[:1], _images(pil_images)[:1])
+    sampling = {"temperature": 1.5, "top_k": 20, "top_p": 0.9}
+    torch.manual_seed(3)
+    own = _generate(model, processor, batch, GenerationOptions(STEPS, **sampling))
+    torch.manual_seed(3)
+    assert own.tolist() == _transformers_generate(model, processor, batch, STEPS, **sampling).tolist()
+    batch = processor(["hi"], [[]])  # greedy repeats a token here within STEPS
+    penalised = GenerationOptions(STEPS, repetition_penalty=3.0)
+    with torch.no_grad(), pytest.warns(UserWarning, match="penalty only to newly generated tokens"):
+        theirs = model.decoder.generate(
+            inputs_embeds=model.embed(batch["input_ids"], batch["pixel_values"]),
+            attention_mask=batch["attention_mask"],
+            **penalised.hf_kwargs(processor.stop_token_ids, _pad(processor)),
+        )
+    own = _generate(model, processor, batch, penalised)
+    assert own.tolist() == theirs.tolist()
+    assert own.tolist() != _generate(model, processor, batch, GenerationOptions(STEPS)).tolist()  # it changed tokens
+
+
+def test_unsupported_decoders_fall_back_with_a_note(tiny, pil_images, monkeypatch, capsys):
+    model, processor = tiny
+    batch = processor(PROMPTS, _images(pil_images))
+    own = _generate(model, processor, batch, GenerationOptions(STEPS))
+    monkeypatch.setattr(decode, "FAMILIES", ("gpt2",))
+    monkeypatch.setattr(decode, "_noted", set())
+    assert decode.unsupported(model.decoder) == "a llama decoder (the own decode loop runs gpt2)"
+    assert _generate(model, processor, batch, GenerationOptions(STEPS)).tolist() == own.tolist()
+    assert (
+        capsys.readouterr().err
+        == "vlm: note: a llama decoder (the own decode loop runs gpt2): decoding with transformers' generate\n"
+    )
 
 
 def test_beam_search(tiny, pil_images):
@@ -147,7 +209,7 @@ def test_beam_search(tiny, pil_images):
 def test_max_new_tokens(tiny, pil_images, max_new_tokens):
     model, processor = tiny
     batch = processor(PROMPTS, _images(pil_images))
-    out = model.generate(**batch, **GenerationOptions(max_new_tokens=max_new_tokens).hf_kwargs(processor))
+    out = _generate(model, processor, batch, GenerationOptions(max_new_tokens=max_new_tokens))
     assert out.shape == (len(PROMPTS), max_new_tokens)  # none of these stops early
 
 
@@ -173,7 +235,7 @@ def test_generation_stops_at_the_end_of_turn(tiny, pil_images):
     handle = _force_tokens(model, [red, circle], then=im_end)
     try:
         batch = processor(PROMPTS[:1], _images(pil_images)[:1])
-        out = model.generate(**batch, **GenerationOptions(max_new_tokens=20).hf_kwargs(processor))
+        out = _generate(model, processor, batch, GenerationOptions(max_new_tokens=20))
     finally:
         handle.remove()
     assert out.tolist() == [[red, circle, im_end]]
@@ -220,16 +282,14 @@ def test_invalid_options(options, message):
         GenerationOptions(**options)
 
 
-def test_hf_kwargs(tiny):
-    processor = tiny[1]
-    greedy = GenerationOptions().hf_kwargs(processor)
+def test_hf_kwargs():
+    greedy = GenerationOptions().hf_kwargs([5, 7], 0)
     assert greedy["do_sample"] is False and greedy["temperature"] is None and greedy["top_p"] is None
-    assert greedy["eos_token_id"] == processor.stop_token_ids
-    assert greedy["pad_token_id"] == processor.tokenizer.pad_token_id
-    sampled = GenerationOptions(temperature=0.7, top_k=0, top_p=0.9).hf_kwargs(processor)
+    assert (greedy["eos_token_id"], greedy["pad_token_id"]) == ([5, 7], 0)
+    sampled = GenerationOptions(temperature=0.7, top_k=0, top_p=0.9).hf_kwargs([5], 0)
     assert sampled["do_sample"] is True
     assert (sampled["temperature"], sampled["top_k"], sampled["top_p"]) == (0.7, None, 0.9)
-    beams = GenerationOptions(max_new_tokens=5, num_beams=3, repetition_penalty=1.2).hf_kwargs(processor)
+    beams = GenerationOptions(max_new_tokens=5, num_beams=3, repetition_penalty=1.2).hf_kwargs([5], 0)
     assert (beams["max_new_tokens"], beams["num_beams"], beams["repetition_penalty"]) == (5, 3, 1.2)
     assert greedy["num_beams"] == 1
 
@@ -248,5 +308,6 @@ def test_history_is_part_of_the_prompt(tiny, pil_images):
     with_history = generate_texts(model, processor, ["And the shape?"], [pil_images[:1]], options, [history])
     ids = processor.prompt("And the shape?", 1, history)
     batch = processor.pad([ids], "left")
-    out = model.generate(**batch, pixel_values=processor.transform(pil_images[:1]), **options.hf_kwargs(processor))
+    batch["pixel_values"] = processor.transform(pil_images[:1])
+    out = _generate(model, processor, batch, options)
     assert with_history == [processor.decode(out[0])]

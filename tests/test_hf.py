@@ -30,6 +30,7 @@ from vlm.checkpoint import build, load, save_checkpoint
 from vlm.config import TINY_TOKENIZER, VLMConfig
 from vlm.decoder import load_tokenizer
 from vlm.errors import VLMError
+from vlm.generation import GenerationOptions
 from vlm.llava import export_hf, import_hf
 
 TOWER = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 3, "num_heads": 2}
@@ -146,7 +147,7 @@ def test_export_greedy_generation_matches(exported, hf_model):
     image = _image(5)
     ours = processor([PROMPT], [[image]])
     new = model.generate(
-        ours["input_ids"], ours["attention_mask"], ours["pixel_values"], max_new_tokens=8, do_sample=False
+        ours["input_ids"], ours["attention_mask"], ours["pixel_values"], GenerationOptions(max_new_tokens=8)
     )
     hf_processor = AutoProcessor.from_pretrained(folder, backend="pil", trust_remote_code=False)
     text = hf_processor.apply_chat_template(_hf_messages(1), add_generation_prompt=True)
@@ -170,7 +171,7 @@ def test_pipeline_runs_and_agrees(exported):
     assert answer["role"] == "assistant" and isinstance(answer["content"], str)
     batch = processor([PROMPT], [[image]])
     new = model.generate(
-        batch["input_ids"], batch["attention_mask"], batch["pixel_values"], max_new_tokens=6, do_sample=False
+        batch["input_ids"], batch["attention_mask"], batch["pixel_values"], GenerationOptions(max_new_tokens=6)
     )
     assert answer["content"].strip() == processor.decode(new[0])
 

@@ -104,7 +104,9 @@ def test_loglikelihood_is_the_sum_of_continuation_logprobs(adapter_module, ckpt:
     # The model's own greedy first token is a greedy continuation.
     model, processor = load(ckpt)
     doc = docs[0]
-    first = model.generate(**processor([doc["question"]], [[doc["picture"]]]), max_new_tokens=1, do_sample=False)[0]
+    first = model.generate(
+        **processor([doc["question"]], [[doc["picture"]]]), options=GenerationOptions(max_new_tokens=1)
+    )[0]
     text = processor.tokenizer.decode(first)
     assert processor.tokenizer(text, add_special_tokens=False)["input_ids"] == first.tolist()
     [(ll, greedy)] = _adapter(adapter_module, ckpt, docs, 1).loglikelihood(

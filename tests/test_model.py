@@ -20,7 +20,8 @@ def _assert_trains(model, processor, images):
     model.zero_grad(set_to_none=True)
     batch = training_batch(processor, images)
     out = model(**batch)
-    assert out.logits.shape == (*batch["input_ids"].shape, len(processor.tokenizer))
+    labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert out.logits.shape == (labelled, len(processor.tokenizer))  # the labelled positions' logits only
     assert out.loss is not None and torch.isfinite(out.loss)
     out.loss.backward()
     for part in (model.encoder, model.projector, model.decoder):
@@ -63,11 +64,13 @@ def test_loss_is_shifted_cross_entropy_over_labelled_tokens(tiny, pil_images):
     batch = training_batch(processor, pil_images)
     with torch.no_grad():
         out = model(**batch)
-    logits, labels = out.logits, batch["labels"]
+        logits = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits  # every position
+    labels = batch["labels"]
     keep = labels[:, 1:] != IGNORE_INDEX
     expected = F.cross_entropy(logits[:, :-1][keep], labels[:, 1:][keep])
     assert 0 < int(keep.sum()) < keep.numel() // 2
     torch.testing.assert_close(out.loss, expected)
+    torch.testing.assert_close(out.logits, logits[:, :-1][keep])  # with labels: the labelled positions' logits
 
 
 def test_image_embeddings_fill_exactly_the_image_positions(tiny, pil_images):
@@ -212,7 +215,7 @@ def test_expanding_the_decoder_keeps_its_outputs_and_new_layers_learn(family, pi
     with torch.no_grad():
         torch.testing.assert_close(deeper(**batch).logits, model(**batch).logits, atol=1e-5, rtol=1e-5)
     prompts = processor(["<image>\nWhat colour is it?", "hello there"], [[pil_images[0]], []])
-    kwargs = GenerationOptions(max_new_tokens=6).hf_kwargs(processor)
+    kwargs = {"options": GenerationOptions(max_new_tokens=6), "stop_token_ids": processor.stop_token_ids}
     assert torch.equal(deeper.generate(**prompts, **kwargs), model.generate(**prompts, **kwargs))  # with the cache
     # The zeroed projections get gradients, so the new layers train.
     deeper.train()

@@ -47,9 +47,8 @@ def _batches(rows: list[Example], processor, batch_size: int):
 def _answer_loss(model, batch: dict[str, Any], pixel_values: Tensor) -> tuple[Tensor, Tensor]:
     """Mean answer loss and the greedy prediction at the first answer token of each row."""
     out = model(batch["input_ids"], batch["attention_mask"], pixel_values, batch["labels"])
-    targets = batch["labels"][:, 1:]
-    first = (targets != IGNORE_INDEX).float().argmax(dim=1)  # the position predicting each row's first answer token
-    predicted = out.logits[:, :-1].argmax(-1).gather(1, first[:, None])[:, 0]
+    counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)  # labelled tokens per row; out.logits has theirs only
+    predicted = out.logits.argmax(-1)[counts.cumsum(0) - counts]  # each row's first: its first answer token
     return out.loss, predicted
 
 

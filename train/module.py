@@ -32,6 +32,7 @@ from torch import nn
 from vlm.checkpoint import build, load_model
 from vlm.config import PARTS, VLMConfig
 from vlm.errors import VLMError
+from vlm.generation import GenerationOptions
 from vlm.lora import LoraSettings, add_lora
 from vlm.processor import Processor
 
@@ -375,11 +376,9 @@ class VLMModule(LightningModule):
                 gen["input_ids"],
                 gen["attention_mask"],
                 gen["pixel_values"],
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                eos_token_id=self.processor.stop_token_ids,
-                pad_token_id=self.processor.tokenizer.pad_token_id,
-                use_cache=True,
+                GenerationOptions(max_new_tokens=self.max_new_tokens),
+                self.processor.stop_token_ids,
+                self.processor.tokenizer.pad_token_id,
             )
             for ids, refs in zip(new, gen["references"]):
                 self._correct += int(exact_match(self.processor.decode(ids), refs))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import gc
 import importlib
 import inspect
 import json
@@ -281,6 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 141
+    # The interpreter's last garbage collection walks every object that importing torch and transformers made: seconds
+    # after the answer is printed. Frozen, they are left to the operating system, which frees the process anyway.
+    gc.freeze()
     sys.exit(code)
 
 

@@ -71,9 +71,13 @@ def caption(
         json: Print one JSON object per result instead of plain text.
         gen: Generation options.
     """
+    from vlm.images import load_image
+
     gen = gen or GenerationOptions()
     if output is not None:
         check_output_file(output)
+    if len(inputs) == 1 and not inputs[0].endswith(".jsonl") and not Path(inputs[0]).is_dir():
+        load_image(inputs[0])  # a bad lone image is reported before the model is loaded
     net, processor = _open(model, device, dtype)
     items, single = items_from_inputs(inputs, processor.caption_prompt)
     stream = single and not output and not json and sys.stdout.isatty()
@@ -119,6 +123,10 @@ def ask(
         check_input_file(input, "input file")
     if output is not None:
         check_output_file(output)
+    if image is not None:
+        from vlm.images import load_image
+
+        load_image(image)  # a bad image is reported before the model is loaded
     net, processor = _open(model, device, dtype)
     if input is not None:
         items, single = items_from_jsonl(Path(input), processor.caption_prompt), False

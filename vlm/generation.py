@@ -1,7 +1,9 @@
 """Text generation from images and prompts: options, batching, the context check, streaming.
 
-Decoding itself is transformers' `generate` over the decoder with a KV cache (greedy, sampling, beam search);
-this module turns prompts and images into its inputs and its token ids back into text.
+Decoding itself is `VisionLanguageModel.generate`, the own decode loop in `vlm/decode.py` (prefill, then a one-token
+step over a preallocated KV cache; beam search on transformers' `generate`); this module turns prompts and images into
+its inputs and its token ids back into text. It imports torch and transformers only when it generates, so the command
+line can read `GenerationOptions` (and check its values) before paying for them.
 """
 
 from __future__ import annotations
@@ -10,15 +12,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from PIL import Image
-from torch import Tensor
-from transformers import TextStreamer
 
-from vlm.decoder import context_length
 from vlm.errors import OptionError, VLMError
-from vlm.model import VisionLanguageModel
-from vlm.processor import Processor
 
 DEFAULT_MAX_NEW_TOKENS = 64
 
@@ -36,6 +32,8 @@ class GenerationOptions:
         num_beams: Beam search with this many beams (1: no beam search).
         repetition_penalty: Above 1 discourages repeating tokens.
         seed: Random seed for sampling, for reproducible outputs.
+        compile: Compile the decode step with torch.compile (unset: on CUDA only; on a CPU the first call pays
+            seconds to minutes of compiling, which pays back over long or many generations).
     """
 
     max_new_tokens: int | None = None
@@ -45,6 +43,7 @@ class GenerationOptions:
     num_beams: int = 1
     repetition_penalty: float = 1.0
     seed: int | None = None
+    compile: bool | None = None
 
     # What each option accepts, in words: `__post_init__` checks these, and the CLI's messages quote them.
     ACCEPTED: ClassVar[dict[str, str]] = {
@@ -74,16 +73,16 @@ class GenerationOptions:
         """`max_new_tokens`, or the default when unset."""
         return self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
 
-    def hf_kwargs(self, processor: Processor) -> dict[str, Any]:
-        """Keyword arguments for transformers' `generate`."""
+    def hf_kwargs(self, stop_token_ids: list[int], pad_token_id: int) -> dict[str, Any]:
+        """Keyword arguments for transformers' `generate` (beam search, and decoders the own loop does not run)."""
         sample = self.temperature > 0
         kw: dict[str, Any] = {
             "max_new_tokens": self.new_tokens,
             "do_sample": sample,
             "num_beams": self.num_beams,
             "repetition_penalty": self.repetition_penalty,
-            "eos_token_id": processor.stop_token_ids,
-            "pad_token_id": processor.tokenizer.pad_token_id,
+            "eos_token_id": stop_token_ids,
+            "pad_token_id": pad_token_id,
         }
         if sample:
             kw.update(temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p)
@@ -93,8 +92,8 @@ class GenerationOptions:
 
 
 def generate_texts(
-    model: VisionLanguageModel,
-    processor: Processor,
+    model,
+    processor,
     prompts: list[str],
     images: list[list[Image.Image]],
     options: GenerationOptions | None = None,
@@ -102,7 +101,8 @@ def generate_texts(
     stream: bool = False,
     placeholders: list[bool] | None = None,
 ) -> list[str]:
-    """Answers for a batch: sample i is `prompts[i]` about `images[i]` (after `history[i]`, if given).
+    """Answers for a batch: sample i is `prompts[i]` about `images[i]` (after `history[i]`, if given), from a
+    `VisionLanguageModel` and its `Processor`.
 
     The prompts are plain text; `placeholders[i]` says that `<image>` in prompt i marks where its images go instead
     (a data file's conversation).
@@ -114,16 +114,21 @@ def generate_texts(
 
 
 def generate_ids(
-    model: VisionLanguageModel,
-    processor: Processor,
+    model,
+    processor,
     prompts: list[str],
     images: list[list[Image.Image]],
     options: GenerationOptions | None = None,
     history: list[list[dict[str, str]]] | None = None,
     stream: bool = False,
     placeholders: list[bool] | None = None,
-) -> Tensor:
+):
     """The new token ids (B, T_new) behind `generate_texts`' answers (same arguments), stop and pad tokens included."""
+    import torch
+    from transformers import TextStreamer
+
+    from vlm.decoder import context_length
+
     options = options or GenerationOptions()
     batch = processor(prompts, images, history, placeholders)
     limit = context_length(model.decoder)
@@ -139,5 +144,11 @@ def generate_ids(
         torch.manual_seed(options.seed)
     streamer = None
     if stream and len(prompts) == 1 and options.num_beams == 1:
-        streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    return model.generate(**batch, **options.hf_kwargs(processor), streamer=streamer)
+        streamer = TextStreamer(processor.tokenizer, skip_special_tokens=True)  # it is given new tokens only
+    return model.generate(
+        **batch,
+        options=options,
+        stop_token_ids=processor.stop_token_ids,
+        pad_token_id=processor.tokenizer.pad_token_id,
+        streamer=streamer,
+    )

@@ -6,7 +6,6 @@ import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -79,6 +78,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # PIL's own conversion clips wide greyscale to 0..255; scale by the format's range instead.
+        import numpy as np  # here, not at the top: `vlm caption` checks its image before numpy's import pays off
+
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
         arr = np.clip(arr / top * 255.0, 0, 255).round().astype(np.uint8)

@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tqdm import tqdm
-
 from vlm.errors import VLMError
 from vlm.generation import GenerationOptions, generate_texts
 
@@ -102,6 +100,8 @@ def run_items(
 
     Each item is yielded with `prediction` or `error` set; its images are released once its batch is done.
     """
+    from tqdm import tqdm
+
     from vlm.images import max_pixels
 
     if batch_size < 1:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,10 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from vlm import decode
 from vlm.config import VLMConfig
 from vlm.decoder import PACKAGE_PREFIX, build_decoder, expand_layers, package_file
 from vlm.encoders import ImageEncoder, create_encoder
 from vlm.errors import VLMError
+from vlm.generation import GenerationOptions
 from vlm.positions import IMAGE_POSITIONS, grid_offsets, use_grid_rotary
 from vlm.processor import IGNORE_INDEX
 from vlm.projector import build_projector, num_output_tokens, output_grid
@@ -38,6 +41,9 @@ PACKING_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 @dataclass
 class VLMOutput:
+    """`forward`'s result: without labels, logits (B, T, vocab); with labels, the loss and the logits of the labelled
+    positions only (number of labelled tokens, vocab)."""
+
     loss: Tensor | None
     logits: Tensor
 
@@ -189,6 +195,11 @@ class VisionLanguageModel(nn.Module):
     ) -> VLMOutput:
         """Logits, and with `labels` the mean cross-entropy over the labelled tokens.
 
+        Without `labels`: logits (B, T, vocab). With `labels`: logits only where a token is predicted for a label,
+        (number of labelled tokens, vocab) in row-major order, and the loss from those. A batch's whole fp32 logits
+        (B x T x vocab) would be several GB for a 49k vocabulary, mostly for image and prompt positions no label
+        reads; decoders that cannot select positions (`decode.FAMILIES` can) still compute them all.
+
         Padded rows pass `attention_mask` (positions then count real tokens only). Packed rows pass `position_ids`
         restarting at 0 at each sample and no `attention_mask`: attention stays inside each sample, and a token at
         position 0 is never a target, so no sample predicts the next one's first token. Explicit positions win.
@@ -203,28 +214,51 @@ class VisionLanguageModel(nn.Module):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         if position_ids is not None and attention_mask is None:
             check_packing(self.decoder)
-        # No cache: the mask builder only looks for packed samples without one, and nothing here reuses it.
-        with self._positioned(input_ids):
-            logits = self.decoder(
-                inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            ).logits
-        loss = None
+        targets = keep = None
         if labels is not None:  # predict token t+1 from position t; only labelled positions count
             targets = labels[:, 1:]
             if position_ids is not None:  # position 0 starts a sample: the sample before it does not predict it
                 targets = targets.masked_fill(position_ids[:, 1:] == 0, IGNORE_INDEX)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+            keep = F.pad(targets != IGNORE_INDEX, (0, 1))  # (B, T): the positions whose logits the loss reads
+        selects = keep is not None and decode.causal_lm(self.decoder).config.model_type in decode.FAMILIES
+        # No cache: the mask builder only looks for packed samples without one, and nothing here reuses it.
+        with self._positioned(input_ids):
+            logits = self.decoder(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+                **({"logits_to_keep": keep} if selects else {}),
+            ).logits
+        if keep is None:
+            return VLMOutput(loss=None, logits=logits)
+        if not selects:
+            logits = logits[keep]
+        loss = F.cross_entropy(logits.float(), targets[keep[:, :-1]])
         return VLMOutput(loss=loss, logits=logits)
 
-    @torch.no_grad()
     def generate(
-        self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None = None, **generate_kwargs
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        pixel_values: Tensor | None = None,
+        options: GenerationOptions | None = None,
+        stop_token_ids: Sequence[int] = (),
+        pad_token_id: int = 0,
+        streamer=None,
     ) -> Tensor:
-        """New token ids (B, T_new) for left-padded prompts; `generate_kwargs` go to transformers' `generate`
-        (KV cache, greedy / sampling / beam search, stopping, streaming)."""
-        embeds = self.embed(input_ids, pixel_values)
-        with self._positioned(input_ids):  # the offsets apply to the prompt's forward pass only
-            return self.decoder.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+        """New token ids (B, T_new) for left-padded prompts, by the own decode loop (`vlm.decode.generate`: KV cache,
+        greedy / sampling, stop tokens per row, streaming; beam search on transformers' `generate`)."""
+        return decode.generate(
+            self,
+            input_ids,
+            attention_mask,
+            pixel_values,
+            options or GenerationOptions(),
+            stop_token_ids,
+            pad_token_id,
+            streamer,
+        )
 
 
 def packing_problem(decoder: PreTrainedModel) -> str | None:
