@@ -7,12 +7,13 @@ this module turns prompts and images into its inputs and its token ids back into
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from PIL import Image
-from transformers import TextStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from vlm.decoder import context_length
 from vlm.errors import OptionError, VLMError
@@ -100,6 +101,7 @@ def generate_texts(
     history: list[list[dict[str, str]]] | None = None,
     stream: bool = False,
     placeholders: list[bool] | None = None,
+    on_tokens: Callable[[list[int]], list[bool] | None] | None = None,
 ) -> list[str]:
     """Answers for a batch: sample i is `prompts[i]` about `images[i]` (after `history[i]`, if given).
 
@@ -107,6 +109,10 @@ def generate_texts(
     (a data file's conversation).
 
     With `stream`, tokens of a one-sample batch are printed to stdout as they are produced.
+
+    `on_tokens` (greedy and sampling; not beam search) is called after each decoding step with the new token id of
+    every sample (a sample already finished gets the pad id); it may return one flag per sample, True to finish that
+    sample now (e.g. its client left, or it reached its own length). The server streams and stops requests with it.
     """
     options = options or GenerationOptions()
     batch = processor(prompts, images, history, placeholders)
@@ -124,5 +130,18 @@ def generate_texts(
     streamer = None
     if stream and len(prompts) == 1 and options.num_beams == 1:
         streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    out = model.generate(**batch, **options.hf_kwargs(processor), streamer=streamer)
+    hooks = StoppingCriteriaList([_StepHook(on_tokens)] if on_tokens else [])
+    out = model.generate(**batch, **options.hf_kwargs(processor), streamer=streamer, stopping_criteria=hooks)
     return [processor.decode(seq) for seq in out]
+
+
+class _StepHook(StoppingCriteria):
+    """`generate_texts`'s `on_tokens` as a transformers stopping criterion: it sees each step's new tokens (the last
+    column) and finishes the samples it flags."""
+
+    def __init__(self, on_tokens: Callable[[list[int]], list[bool] | None]):
+        self.on_tokens = on_tokens
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        done = self.on_tokens(input_ids[:, -1].tolist()) or [False] * input_ids.shape[0]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
