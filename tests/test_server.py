@@ -74,7 +74,7 @@ class Gate:
 
 @pytest.fixture(scope="module")
 def server(tiny, tmp_path_factory, pil_images):
-    """(base URL, app's batcher, gate, allowed image folder): the tiny model served with an API key."""
+    """(base URL, gate, allowed image folder, port, settings): the tiny model served with an API key."""
     model, processor = tiny
     allowed = tmp_path_factory.mktemp("allowed")
     pil_images[0].save(allowed / "red.png")
@@ -97,7 +97,7 @@ def server(tiny, tmp_path_factory, pil_images):
         thread.start()
         wait_for(lambda: server.started)
         host, port = sock.getsockname()[:2]
-        yield f"http://{host}:{port}", gate, allowed, port
+        yield f"http://{host}:{port}", gate, allowed, port, settings
         server.should_exit = True
         thread.join(30)
 
@@ -136,6 +136,17 @@ def test_a_question_is_answered_as_generate_texts_answers_it(tiny, client):
     assert reply.model == NAME and reply.id.startswith("chatcmpl-")
     prompt = tiny[1].prompt(question, 0)
     assert reply.usage.prompt_tokens == len(prompt) and 1 <= reply.usage.completion_tokens <= TOKENS
+
+
+def test_stop_strings_and_seeds(tiny, client):
+    answer = expected(tiny, "hello")
+    stop = answer.strip()[2:4]
+    reply = client.chat.completions.create(**ask("hello", stop=[stop, "never in it"]))
+    assert reply.choices[0].message.content == answer[: answer.find(stop)].strip()
+    assert reply.choices[0].finish_reason == "stop"
+    sampled = [client.chat.completions.create(**ask("hello", temperature=1.0, seed=s)) for s in (7, 7, 8)]
+    texts = [r.choices[0].message.content for r in sampled]
+    assert texts[0] == texts[1] != texts[2]
 
 
 def test_an_image_streamed_and_whole_give_the_same_answer(tiny, client, pil_images):
@@ -248,6 +259,19 @@ def test_a_full_queue_is_a_503_and_queued_requests_decode_together(tiny, server,
         t.join(60)
     assert gate.sizes[batches:] == [1, MAX_QUEUE]  # the three that waited decoded as one batch
     assert results == {q: expected(tiny, q) for q in questions}
+
+
+def test_a_request_past_its_time_is_a_503(server, client):
+    gate, settings = server[1], server[4]
+    gate.open.clear()
+    settings.timeout_s = 0.3
+    try:
+        status, headers, text = raw(server, "POST", "/v1/chat/completions", json.dumps(ask("slow")))
+    finally:
+        settings.timeout_s = 60
+        gate.open.set()
+    assert status == 503 and json.loads(text)["error"]["code"] == "timeout" and headers["Retry-After"]
+    wait_for(lambda: metric(server, "vlm_running_requests") == 0)
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_place(server):

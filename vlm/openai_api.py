@@ -24,7 +24,8 @@ from vlm.errors import VLMError
 # The most stop strings OpenAI takes.
 MAX_STOPS = 4
 DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.S)
-IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP"}
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")  # what a data URL may say it holds
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what it is decoded as, whatever it says
 
 
 class RequestError(Exception):
@@ -162,7 +163,7 @@ def read_image(url: str, number: int, allowed_dir: Path | None) -> Image.Image:
             data = base64.b64decode(found["data"], validate=True)
         except binascii.Error:
             raise RequestError(400, f"{name}: the data URL is not valid base64", code="invalid_image") from None
-        return _image(lambda: image_from_bytes(data, name, tuple(set(IMAGE_TYPES.values()))))
+        return _image(lambda: image_from_bytes(data, name, IMAGE_FORMATS))
     if re.match(r"[a-zA-Z][\w+.-]*://", url) and not url.startswith("file://"):
         raise RequestError(
             400, f"{name}: the server fetches no URLs; send the image as a base64 data URL", code="invalid_image"
