@@ -61,8 +61,14 @@ def _requests(model_name: str, clients: int, per_client: int, max_tokens: int) -
                 {"type": "image_url", "image_url": {"url": urls[k % len(urls)]}},
                 {"type": "text", "text": QUESTIONS[(k // len(urls)) % len(QUESTIONS)]},
             ]
-            row.append({"model": model_name, "messages": [{"role": "user", "content": content}],
-                        "max_tokens": max_tokens, "temperature": 0})
+            row.append(
+                {
+                    "model": model_name,
+                    "messages": [{"role": "user", "content": content}],
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                }
+            )
         out.append(row)
     return out
 
@@ -76,8 +82,23 @@ class Server:
 
     def __init__(self, model: str, max_batch_size: int, timeout: float = 600):
         self.log = tempfile.NamedTemporaryFile("w+", prefix="vlm-serve-", suffix=".log", delete=False)
-        args = [sys.executable, "-m", "vlm.cli", "serve", "--model", model, "--port", "0", "--max_batch_size",
-                str(max_batch_size), "--max_queue", "1024"]
+        # A queue and a timeout that hold every client's requests: the test measures pace, not refusals.
+        args = [
+            sys.executable,
+            "-m",
+            "vlm.cli",
+            "serve",
+            "--model",
+            model,
+            "--port",
+            "0",
+            "--max_batch_size",
+            str(max_batch_size),
+            "--max_queue",
+            "1024",
+            "--timeout",
+            "3600",
+        ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         deadline = time.monotonic() + timeout
         while (url := self._url()) is None:
@@ -131,8 +152,17 @@ def _figures(name: str, results: list, seconds: float, reference: dict[str, str]
     p99 = latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]
     if errors:
         print(f"{name}: {len(errors)} errors, the first: {errors[0]}", file=sys.stderr)
-    return Phase(name, len(results), len(errors), differing, round(seconds, 3), round(len(results) / seconds, 2),
-                 round(tokens / seconds, 1), round(statistics.median(latencies), 4), round(p99, 4))
+    return Phase(
+        name,
+        len(results),
+        len(errors),
+        differing,
+        round(seconds, 3),
+        round(len(results) / seconds, 2),
+        round(tokens / seconds, 1),
+        round(statistics.median(latencies), 4),
+        round(p99, 4),
+    )
 
 
 async def _one_at_a_time(url: str, plan: list[list[dict]]) -> tuple[dict[str, str], Phase]:
@@ -187,8 +217,10 @@ def serve_load(
     print("| phase | requests | errors | differing | s | requests/s | new tokens/s | p50 s | p99 s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for p in phases:
-        print(f"| {p.name} | {p.requests} | {p.errors} | {p.differing} | {p.seconds} | {p.requests_per_s} | "
-              f"{p.tokens_per_s} | {p.p50_s} | {p.p99_s} |")
+        print(
+            f"| {p.name} | {p.requests} | {p.errors} | {p.differing} | {p.seconds} | {p.requests_per_s} | "
+            f"{p.tokens_per_s} | {p.p50_s} | {p.p99_s} |"
+        )
     if output:
         Path(output).write_text(json.dumps(rows, indent=2) + "\n")
     return rows

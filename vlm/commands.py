@@ -325,9 +325,12 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     address, bound = sock.getsockname()[:2]
     shown = f"[{address}]" if ":" in address else address
-    print(f"vlm serve: model {settings.model_name} at http://{shown}:{bound}/ (Ctrl-C stops)", file=sys.stderr,
-          flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="info", access_log=False, log_config=None)).run(sockets=[sock])
+    print(
+        f"vlm serve: model {settings.model_name} at http://{shown}:{bound}/ (Ctrl-C stops)", file=sys.stderr, flush=True
+    )
+    # On Ctrl-C, requests still running get 5 s to finish before their connections are closed.
+    config = uvicorn.Config(app, log_level="info", access_log=False, log_config=None, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 
