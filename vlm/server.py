@@ -177,7 +177,7 @@ def listen(host: str, port: int) -> socket.socket:
     """A socket listening on `host`:`port` (0: any free port), for uvicorn; a one-line `VLMError` if it cannot."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        return socket.create_server((host, port), family=family)
+        return socket.create_server((host, port), family=family, backlog=2048)  # uvicorn's own default
     except OSError as e:
         raise VLMError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
