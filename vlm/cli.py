@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ask": ("vlm.commands:ask", "answer a question about an image, or a JSONL file of questions"),
     "chat": ("vlm.commands:chat", "talk about an image, turn by turn"),
     "explain": ("vlm.explain:explain", "draw which image patches an answer rests on (heat map PNG + JSON scores)"),
+    "serve": ("vlm.commands:serve", "serve a model over HTTP: OpenAI's chat completions API and a web page"),
     "init": ("vlm.commands:init", "write an untrained checkpoint of a preset"),
     "eval": ("vlm.eval.evaluate:evaluate", "score a model (or a predictions file) on a VQA or caption benchmark"),
     "fit": ("vlm.train.cli:main", "train a model (LightningCLI; --config samples/configs/NAME.yaml)"),

@@ -1,4 +1,4 @@
-"""The inference subcommands of the `vlm` console script: caption, ask, chat, init.
+"""The inference subcommands of the `vlm` console script: caption, ask, chat, serve, init.
 
 Each is a typed function; `vlm/cli.py` builds its command line and `--help` from the signature and docstring.
 """
@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from vlm.errors import VLMError
+from vlm.errors import OptionError, VLMError
 from vlm.files import atomic_file, check_input_file, check_output_file
 from vlm.generation import GenerationOptions, generate_texts
 from vlm.inference import Device, DType, Item, items_from_inputs, items_from_jsonl, run_items
@@ -252,6 +254,91 @@ def chat(
         if not interactive:
             print(answer, flush=True)
         state["history"] += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+    return 0
+
+
+API_KEY_VARIABLE = "VLM_API_KEY"
+
+
+def serve(
+    model: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: Device = "auto",
+    dtype: DType = "auto",
+    max_batch_size: int = 8,
+    max_queue: int = 64,
+    timeout: float = 120.0,
+    api_key: str | None = None,
+    allowed_image_dir: str | None = None,
+    max_body_mb: float = 20.0,
+    max_images: int = 8,
+) -> int:
+    """Serve a model over HTTP: OpenAI's /v1/chat/completions (images as data URLs), and a web page at /.
+
+    Requests that arrive together are decoded together (up to --max_batch_size); GET /health, /v1/models and
+    /metrics (Prometheus) too. Ctrl-C stops it. Details: docs/serving.md.
+
+    Args:
+        model: A vlm checkpoint folder (default: samples/shapes-model/, which knows only the synthetic
+            shapes benchmark).
+        host: The address to listen on (127.0.0.1: this machine only; 0.0.0.0: every network, so set --api_key).
+        port: The port to listen on (0: any free port; the address is printed).
+        device: Where to run: auto (CUDA when available), cpu, cuda or cuda:N (the GPU numbered N).
+        dtype: Weights' precision: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.
+        max_batch_size: The most requests decoded together.
+        max_queue: The most requests waiting for a batch; beyond it the server answers 503 with Retry-After.
+        timeout: Seconds a request may take, waiting included, before it is dropped (503).
+        api_key: Require "Authorization: Bearer KEY" (default: the VLM_API_KEY environment variable, which, unlike
+            an option, other users of the machine cannot read; unset: no key).
+        allowed_image_dir: A folder whose images requests may name by path (default: none; images come as data
+            URLs only).
+        max_body_mb: The largest request body, in MiB (413 beyond it).
+        max_images: The most images in one request.
+    """
+    checks = [
+        ("port", port, 0 <= port <= 65535, "an integer from 0 to 65535"),
+        ("max_batch_size", max_batch_size, max_batch_size >= 1, "an integer of at least 1"),
+        ("max_queue", max_queue, max_queue >= 1, "an integer of at least 1"),
+        ("timeout", timeout, timeout > 0, "a number of seconds above 0"),
+        ("max_body_mb", max_body_mb, max_body_mb > 0, "a number of MiB above 0"),
+        ("max_images", max_images, max_images >= 0, "an integer, 0 or above"),
+    ]
+    for name, value, ok, accepted in checks:
+        if not ok:
+            raise OptionError(name, accepted, value)
+    if allowed_image_dir is not None and not Path(allowed_image_dir).is_dir():
+        raise VLMError(f"--allowed_image_dir {allowed_image_dir} is not a folder")
+    try:
+        import uvicorn
+
+        from vlm.server import ServerSettings, create_app, listen
+    except ModuleNotFoundError as e:
+        raise VLMError(f"vlm serve needs {e.name}: pip install 'vlm[serve]'", exit_code=1) from None
+    from vlm.checkpoint import DEFAULT_MODEL_DIR
+
+    sock = listen(host, port)
+    net, processor = _open(model, device, dtype)
+    settings = ServerSettings(
+        model_name=Path(model or DEFAULT_MODEL_DIR).resolve().name,
+        max_batch_size=max_batch_size,
+        max_queue=max_queue,
+        timeout_s=timeout,
+        api_key=api_key or os.environ.get(API_KEY_VARIABLE) or None,
+        allowed_image_dir=Path(allowed_image_dir).resolve() if allowed_image_dir else None,
+        max_body_bytes=int(max_body_mb * 2**20),
+        max_images=max_images,
+    )
+    app = create_app(net, processor, settings)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    address, bound = sock.getsockname()[:2]
+    shown = f"[{address}]" if ":" in address else address
+    print(
+        f"vlm serve: model {settings.model_name} at http://{shown}:{bound}/ (Ctrl-C stops)", file=sys.stderr, flush=True
+    )
+    # On Ctrl-C, requests still running get 5 s to finish before their connections are closed.
+    config = uvicorn.Config(app, log_level="info", access_log=False, log_config=None, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 

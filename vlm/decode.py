@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from vlm.generation import GenerationOptions
 
@@ -189,6 +190,18 @@ def pick(logits: Tensor, options: GenerationOptions, new: Tensor) -> Tensor:
     return torch.multinomial(logits.softmax(-1), 1)[:, 0]
 
 
+class _StepHook(StoppingCriteria):
+    """`on_tokens` as a transformers stopping criterion, for the decoders that `generate` runs: it sees each step's new
+    tokens (the last column) and finishes the rows it flags."""
+
+    def __init__(self, on_tokens: Callable[[list[int]], list[bool] | None]):
+        self.on_tokens = on_tokens
+
+    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs) -> Tensor:
+        done = self.on_tokens(input_ids[:, -1].tolist()) or [False] * input_ids.shape[0]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 def _note(text: str) -> None:
     if text not in _noted:
         _noted.add(text)
@@ -205,11 +218,14 @@ def generate(
     stop_token_ids: Sequence[int],
     pad_token_id: int,
     streamer=None,
+    on_tokens: Callable[[list[int]], list[bool] | None] | None = None,
 ) -> Tensor:
     """New token ids (B, T_new) for left-padded prompts; rows that stopped early are padded with `pad_token_id`.
 
     `model` is a `VisionLanguageModel`. Beam search, and decoders the own loop does not run (`unsupported`, with a
     one-line note), go to transformers' `generate`. `streamer` gets each step's tokens (`put`) and `end()`.
+    `on_tokens` (not with beam search) gets each step's new token of every row (the pad id for a row already done)
+    and may return one flag per row, True to finish that row now.
     """
     decoder = model.decoder
     embeds = model.embed(input_ids, pixel_values)
@@ -218,6 +234,8 @@ def generate(
         if reason is not None:
             _note(f"{reason}: decoding with transformers' generate")
         kwargs = options.hf_kwargs(list(stop_token_ids), pad_token_id)
+        if on_tokens is not None and options.num_beams == 1:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_StepHook(on_tokens)])
         with model._positioned(input_ids):  # the offsets apply to the prompt's forward pass only
             return decoder.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs, streamer=streamer)
     batch, prompt = input_ids.shape
@@ -248,6 +266,8 @@ def generate(
         if streamer is not None:
             streamer.put(token.cpu())
         running &= ~torch.isin(token, stops)
+        if on_tokens is not None and (finish := on_tokens(token.tolist())):
+            running &= ~torch.tensor(finish, dtype=torch.bool, device=running.device)
         if i == n - 1 or not running.any():  # each row stops at its own stop token; the batch when all have
             break
         logits = step(token[:, None], positions, cache)

@@ -9,6 +9,7 @@ line can read `GenerationOptions` (and check its values) before paying for them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -100,6 +101,7 @@ def generate_texts(
     history: list[list[dict[str, str]]] | None = None,
     stream: bool = False,
     placeholders: list[bool] | None = None,
+    on_tokens: Callable[[list[int]], list[bool] | None] | None = None,
 ) -> list[str]:
     """Answers for a batch: sample i is `prompts[i]` about `images[i]` (after `history[i]`, if given), from a
     `VisionLanguageModel` and its `Processor`.
@@ -108,8 +110,12 @@ def generate_texts(
     (a data file's conversation).
 
     With `stream`, tokens of a one-sample batch are printed to stdout as they are produced.
+
+    `on_tokens` (greedy and sampling; not beam search) is called after each decoding step with the new token id of
+    every sample (a sample already finished gets the pad id); it may return one flag per sample, True to finish that
+    sample now (e.g. its client left, or it reached its own length). The server streams and stops requests with it.
     """
-    out = generate_ids(model, processor, prompts, images, options, history, stream, placeholders)
+    out = generate_ids(model, processor, prompts, images, options, history, stream, placeholders, on_tokens)
     return [processor.decode(seq) for seq in out]
 
 
@@ -122,6 +128,7 @@ def generate_ids(
     history: list[list[dict[str, str]]] | None = None,
     stream: bool = False,
     placeholders: list[bool] | None = None,
+    on_tokens: Callable[[list[int]], list[bool] | None] | None = None,
 ):
     """The new token ids (B, T_new) behind `generate_texts`' answers (same arguments), stop and pad tokens included."""
     import torch
@@ -151,4 +158,5 @@ def generate_ids(
         stop_token_ids=processor.stop_token_ids,
         pad_token_id=processor.tokenizer.pad_token_id,
         streamer=streamer,
+        on_tokens=on_tokens,
     )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -42,34 +44,47 @@ def load_image(path: str | Path, limit: int | None = None) -> Image.Image:
     16-bit and float greyscale scaled to 8 bits. Raises `VLMError` naming the file for anything else, including
     a path that is not a regular file (a named pipe would block the read). `limit`: the most pixels (default:
     `max_pixels()`)."""
-    from vlm.errors import VLMError
     from vlm.files import open_regular
 
-    path = Path(path)
+    with open_regular(Path(path), "image") as f:
+        return _decode(f, str(path), limit)
+
+
+def image_from_bytes(data: bytes, name: str, formats: tuple[str, ...], limit: int | None = None) -> Image.Image:
+    """`load_image` for an image held in memory (e.g. sent to the server), decoded only if it is in one of `formats`
+    (Pillow's names: "PNG", "JPEG", "WEBP"); `name` says which image in errors."""
+    return _decode(io.BytesIO(data), name, limit, formats)
+
+
+def _decode(f: BinaryIO, name: str, limit: int | None, formats: tuple[str, ...] | None = None) -> Image.Image:
+    """The image in the open file `f` as RGB (see `load_image`), every problem a `VLMError` naming `name`."""
+    from vlm.errors import VLMError
+
     limit = limit or max_pixels()
     # Pillow has its own bomb check (an error at twice its limit); make it follow ours, which runs first.
     Image.MAX_IMAGE_PIXELS = limit
     try:
-        with open_regular(path, "image") as f, warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(f)
+            img = Image.open(f, formats=formats)
             w, h = img.size
             if limit is not None and w * h > limit:
-                raise VLMError(f"image too large: {path} is {w}x{h} pixels, above the limit of {limit:,}")
+                raise VLMError(f"image too large: {name} is {w}x{h} pixels, above the limit of {limit:,}")
             img.seek(0)  # animated GIF/WebP/APNG: the first frame
             img.load()
     except VLMError:
         raise
     except UnidentifiedImageError:
-        raise VLMError(f"not an image (or an unsupported format): {path}") from None
+        kind = f"a {', '.join(formats)} image" if formats else "an image (or an unsupported format)"
+        raise VLMError(f"not {kind}: {name}") from None
     except Image.DecompressionBombError:
-        raise VLMError(f"image too large: {path} exceeds the pixel limit of {limit:,}") from None
+        raise VLMError(f"image too large: {name} exceeds the pixel limit of {limit:,}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise VLMError(f"corrupt or truncated image: {path} ({e})") from None
+        raise VLMError(f"corrupt or truncated image: {name} ({e})") from None
     try:
         return to_rgb(ImageOps.exif_transpose(img))
     except (OSError, ValueError) as e:
-        raise VLMError(f"unsupported image: {path} ({e})") from None
+        raise VLMError(f"unsupported image: {name} ({e})") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

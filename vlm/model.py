@@ -246,6 +246,7 @@ class VisionLanguageModel(nn.Module):
         stop_token_ids: Sequence[int] = (),
         pad_token_id: int = 0,
         streamer=None,
+        on_tokens=None,
     ) -> Tensor:
         """New token ids (B, T_new) for left-padded prompts, by the own decode loop (`vlm.decode.generate`: KV cache,
         greedy / sampling, stop tokens per row, streaming; beam search on transformers' `generate`)."""
@@ -258,6 +259,7 @@ class VisionLanguageModel(nn.Module):
             stop_token_ids,
             pad_token_id,
             streamer,
+            on_tokens,
         )
 
 
