@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vlm.errors import OptionError, VLMError
-from vlm.files import atomic_file, check_input_file, check_output_file
+from vlm.files import atomic_file, check_input_file, check_name_lengths, check_output_file
 from vlm.generation import GenerationOptions, generate_texts
 from vlm.inference import Device, DType, Item, items_from_inputs, items_from_jsonl, run_items
 
@@ -78,8 +78,11 @@ def caption(
     gen = gen or GenerationOptions()
     if output is not None:
         check_output_file(output)
-    if len(inputs) == 1 and not inputs[0].endswith(".jsonl") and not Path(inputs[0]).is_dir():
-        load_image(inputs[0])  # a bad lone image is reported before the model is loaded
+    if model is not None:
+        check_name_lengths(model, "model folder")
+    lone = check_name_lengths(inputs[0], "input") if len(inputs) == 1 else None
+    if lone is not None and lone.suffix != ".jsonl" and not lone.is_dir():
+        load_image(lone)  # a bad lone image is reported before the model is loaded
     net, processor = _open(model, device, dtype)
     items, single = items_from_inputs(inputs, processor.caption_prompt)
     stream = single and not output and not json and sys.stdout.isatty()
