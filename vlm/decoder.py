@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import (
     CONFIG_MAPPING,
     AutoConfig,
@@ -176,6 +177,8 @@ def build_decoder(cfg: DecoderConfig, vocab_size: int) -> PreTrainedModel:
             config = AutoConfig.for_model(hf.pop("model_type"), **{**hf, "vocab_size": vocab_size})
         except (ValueError, KeyError) as e:
             raise VLMError(f"bad decoder.hf_config: {e}") from e
+        except StrictDataclassError as e:  # transformers' typed configs: "Validation error for field ...", then why
+            raise VLMError(f"bad decoder.hf_config: {str(e).splitlines()[-1].strip().removeprefix('TypeError: ')}") from None
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     if model.get_input_embeddings().num_embeddings != vocab_size:
         model.resize_token_embeddings(vocab_size, mean_resizing=False)
