@@ -162,7 +162,8 @@ def _has_type(value: Any, hint: Any) -> bool:
     if origin in (typing.Union, types.UnionType):
         return any(_has_type(value, a) for a in args)
     if origin is dict:
-        return isinstance(value, dict) and all(_has_type(k, args[0]) and _has_type(v, args[1]) for k, v in value.items())
+        key, item = args
+        return isinstance(value, dict) and all(_has_type(k, key) and _has_type(v, item) for k, v in value.items())
     if hint in (int, float) and isinstance(value, bool):
         return False
     return isinstance(value, (int, float) if hint is float else hint)

@@ -178,7 +178,8 @@ def build_decoder(cfg: DecoderConfig, vocab_size: int) -> PreTrainedModel:
         except (ValueError, KeyError) as e:
             raise VLMError(f"bad decoder.hf_config: {e}") from e
         except StrictDataclassError as e:  # transformers' typed configs: "Validation error for field ...", then why
-            raise VLMError(f"bad decoder.hf_config: {str(e).splitlines()[-1].strip().removeprefix('TypeError: ')}") from None
+            reason = str(e).splitlines()[-1].strip().removeprefix("TypeError: ")
+            raise VLMError(f"bad decoder.hf_config: {reason}") from None
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     if model.get_input_embeddings().num_embeddings != vocab_size:
         model.resize_token_embeddings(vocab_size, mean_resizing=False)
