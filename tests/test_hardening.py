@@ -64,3 +64,51 @@ def test_config_too_big_for_memory_is_refused_before_allocating(tiny_checkpoint,
         load(tiny_checkpoint)
     Free.available = 2_000_000
     load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def llava_folder(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint as a transformers LLaVA folder (what `vlm import-hf` reads)."""
+    from vlm.llava import export_hf
+
+    folder = tmp_path_factory.mktemp("llava") / "hf"
+    export_hf(str(tiny_checkpoint), str(folder))
+    return folder
+
+
+def _sharded(llava_folder: Path, dst: Path, file_name: str) -> Path:
+    """A copy of the LLaVA folder whose weights an index maps, every one, to `file_name`."""
+    from safetensors import safe_open
+
+    shutil.copytree(llava_folder, dst)
+    with safe_open(str(dst / "model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())  # noqa: SIM118 - safe_open is not a dict
+    (dst / "model.safetensors").rename(dst / "model-00001-of-00001.safetensors")
+    index = {"metadata": {}, "weight_map": {k: file_name for k in keys}}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dst
+
+
+def test_import_hf_reads_weights_only_inside_the_model_folder(llava_folder, tmp_path):
+    from vlm.llava import import_hf
+
+    # A valid shard, as the index names it: the import works.
+    import_hf(str(_sharded(llava_folder, tmp_path / "ok", "model-00001-of-00001.safetensors")), str(tmp_path / "out"))
+    assert load(tmp_path / "out")[0] is not None
+    # The same weights, readable, beside the folder, behind `..`, an absolute path and a link: never read.
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(tmp_path / "ok" / "model-00001-of-00001.safetensors", outside)
+    cases = {
+        "dotdot": "../outside.safetensors",
+        "absolute": str(outside),
+        "link": "shard.safetensors",
+        "missing": "model-00002-of-00002.safetensors",
+    }
+    for case, name in cases.items():
+        folder = _sharded(llava_folder, tmp_path / case, name)
+        if case == "link":
+            (folder / name).symlink_to(outside)
+        expected = "weight file not found" if case == "missing" else "outside the model folder"
+        with pytest.raises(VLMError, match=f"weight index {folder}/model.safetensors.index.json names .*{expected}"):
+            import_hf(str(folder), str(tmp_path / f"out-{case}"))
+        assert not (tmp_path / f"out-{case}").exists()
