@@ -112,3 +112,34 @@ def test_import_hf_reads_weights_only_inside_the_model_folder(llava_folder, tmp_
         with pytest.raises(VLMError, match=f"weight index {folder}/model.safetensors.index.json names .*{expected}"):
             import_hf(str(folder), str(tmp_path / f"out-{case}"))
         assert not (tmp_path / f"out-{case}").exists()
+
+
+@pytest.mark.parametrize(
+    "name, edit, message",
+    [
+        ("tokenizer_config.json", lambda c: [c], "bad tokenizer file {file}: not a JSON object"),
+        ("processor_config.json", lambda c: c.pop("num_image_tokens") and None, "{file}: num_image_tokens is missing"),
+        ("processor_config.json", lambda c: c["transform"].pop("size") and None, "{file}: transform.size is missing"),
+        (
+            "processor_config.json",
+            lambda c: c.update(caption_prompt=["Describe."]),
+            '{file}: caption_prompt must be a string, got ["Describe."]',
+        ),
+        (
+            "processor_config.json",  # jinja's sandbox refuses it: reaching Python internals from a template
+            lambda c: c.update(chat_template="{{ ''.__class__.__mro__[1].__subclasses__() }}"),
+            "{file}: chat_template: the chat template cannot be used (SecurityError: access to attribute '__class__'",
+        ),
+        (
+            "processor_config.json",
+            lambda c: c.update(chat_template="{% for m in messages %}{{ m.content }"),
+            "{file}: chat_template: the chat template cannot be used (TemplateSyntaxError: unexpected '}'",
+        ),
+    ],
+)
+def test_tokenizer_and_processor_files_that_cannot_be_used_are_one_line(tiny_checkpoint, tmp_path, name, edit, message):
+    folder = _edited_copy(tiny_checkpoint, tmp_path / "m", name, edit)
+    with pytest.raises(VLMError) as err:
+        load(folder)
+    assert str(err.value).startswith(message.replace("{file}", str(folder / name)))
+    assert "\n" not in str(err.value)

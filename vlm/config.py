@@ -140,14 +140,25 @@ class VLMConfig:
 def _checked(cls: type, values: dict[str, Any], source: str, prefix: str) -> dict[str, Any]:
     """`values` if each names a field of the dataclass `cls` and has that field's type; else a one-line `VLMError`
     naming `source` and the field (`prefix` + name), so a bad config.json is refused before anything is built."""
-    hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls) if f.name not in PARTS}
     unknown = sorted(set(values) - fields)
     if unknown:
         raise VLMError(f"bad {source}: unknown config keys: {', '.join(prefix + k for k in unknown)}")
+    hints = typing.get_type_hints(cls)
+    return check_fields(values, {name: hints[name] for name in fields}, f"bad {source}", prefix)
+
+
+def check_fields(
+    values: dict[str, Any], types: dict[str, Any], source: str, prefix: str = "", required: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """`values` (read from a JSON file) if each one that `types` names fits its type hint and none of `required` is
+    missing; else a one-line `VLMError`: "SOURCE: PREFIXNAME must be a string, got 5"."""
+    for name in required:
+        if name not in values:
+            raise VLMError(f"{source}: {prefix}{name} is missing")
     for name, value in values.items():
-        if not _has_type(value, hints[name]):
-            raise VLMError(f"bad {source}: {prefix}{name} must be {_type_name(hints[name])}, got {_short(value)}")
+        if name in types and not _has_type(value, types[name]):
+            raise VLMError(f"{source}: {prefix}{name} must be {_type_name(types[name])}, got {_short(value)}")
     return values
 
 
