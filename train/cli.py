@@ -73,6 +73,11 @@ class VLMCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {k: v for k, v in LightningCLI.subcommands().items() if k in SUBCOMMANDS}
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads `--ckpt_path` here with a bare `torch.load`, for hyperparameters saved in the checkpoint to
+        override the config. VLMModule saves none (a run's settings are its config.yaml), so the file is read once,
+        when the run resumes (`AtomicCheckpointIO.load_checkpoint`), where one that cannot be read is one line."""
+
     def instantiate_trainer(self, **kwargs: Any):
         from lightning.fabric.plugins import CheckpointIO
 
