@@ -343,3 +343,14 @@ def test_fit_refuses_unreadable_inputs_in_one_line(tmp_path, small_data):
         AtomicCheckpointIO().load_checkpoint(image)
     with pytest.raises(VLMError, match=f"^data file not found: {tmp_path / 'missing.jsonl'}$"):
         main(["fit", *run_args(tmp_path / "run", small_data), f"--data.train={tmp_path / 'missing.jsonl'}"])
+
+
+def test_fit_names_the_option_or_file_it_refuses(tmp_path, small_data):
+    with pytest.raises(VLMError) as err:
+        main(["fit", *run_args(tmp_path, small_data), f"--seed_everything={2**70}"])
+    assert str(err.value) == f"seed_everything must be true, false or an integer from 0 to {2**32 - 1}, got {2**70}"
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("trainer:\n  max_steps: caf\u00e9\n".encode("latin-1"))
+    for args in (["--config", str(latin)], [f"--config={latin}"]):
+        with pytest.raises(VLMError, match=f"^{latin} is not UTF-8 text \\(byte 0xe9 at offset 25\\)$"):
+            main(["fit", *run_args(tmp_path, small_data), *args])
