@@ -15,7 +15,8 @@ import pytest
 import torch
 from conftest import run_vlm
 from lightning.pytorch import Callback
-from vlm.train.callbacks import AtomicCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from vlm.train.callbacks import AtomicCheckpointIO, InterruptedWrites
 from vlm.train.cli import main, make_cli
 
 from vlm.checkpoint import load
@@ -295,3 +296,61 @@ def test_a_run_clears_the_temporary_files_of_killed_writes(tmp_path, small_data)
     main(["fit", *run_args(tmp_path, small_data), "--trainer.max_steps=2"])
     assert {path: path.exists() for path in planted} == planted
     assert (checkpoints / "last.ckpt").is_file()
+
+
+def test_a_run_prunes_the_checkpoints_a_killed_run_left(tmp_path):
+    """A run killed between writing a periodic checkpoint and deleting the one it replaces leaves a file its
+    ModelCheckpoint never learns about (resuming restores what the checkpoint remembers). The next run deletes such
+    files; never last.ckpt, the checkpoint it resumes from, what a ModelCheckpoint remembers, or other files."""
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    names = ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt", "epoch=1-step=6-v1.ckpt"]
+    names += ["last.ckpt", "by-hand.ckpt", "notes.txt"]
+    for name in names:
+        (checkpoints / name).write_bytes(b"a checkpoint")
+
+    def start_run(resume: str | None, remembered: str | None, **settings) -> list[str]:
+        callback = ModelCheckpoint(dirpath=checkpoints, save_last=True, **settings)
+        trainer = lightning.Trainer(default_root_dir=tmp_path, callbacks=[callback], logger=False)
+        if remembered is not None:  # what the checkpoint resumed from says (Lightning restores it before on_fit_start)
+            callback.load_state_dict({**callback.state_dict(), "best_model_path": str(checkpoints / remembered)})
+        trainer.ckpt_path = str(checkpoints / resume) if resume else None
+        InterruptedWrites().on_fit_start(trainer, None)
+        return sorted(p.name for p in checkpoints.iterdir())
+
+    # Keeping every checkpoint: nothing is pruned.
+    assert start_run("last.ckpt", "epoch=0-step=4.ckpt", save_top_k=-1) == sorted(names)
+    # Resumed from last.ckpt, which remembers step 4: step 2 was never deleted, step 6 was written after it.
+    kept = ["by-hand.ckpt", "epoch=0-step=4.ckpt", "last.ckpt", "notes.txt"]
+    assert start_run("last.ckpt", "epoch=0-step=4.ckpt") == kept
+    # Resumed from a file by hand: it is kept, whatever it is named; a fresh run keeps no periodic checkpoint.
+    assert start_run("epoch=0-step=4.ckpt", None) == kept
+    assert start_run(None, None) == ["by-hand.ckpt", "last.ckpt", "notes.txt"]
+
+
+def test_fit_refuses_unreadable_inputs_in_one_line(tmp_path, small_data):
+    # A pickled checkpoint: torch's weights_only refuses it, and the run says so in one line naming the file.
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": print}, evil)
+    with pytest.raises(VLMError) as err:
+        main(["fit", *run_args(tmp_path / "run", small_data), f"--ckpt_path={evil}"])
+    assert str(err.value) == (
+        f"training checkpoint {evil} holds pickled Python objects (print); vlm reads only tensors and plain "
+        "containers and never unpickles code"
+    )
+    image = ROOT / "samples" / "images" / "shapes_0.png"
+    with pytest.raises(VLMError, match=f"^cannot read training checkpoint {image}: Unsupported operand 80$"):
+        AtomicCheckpointIO().load_checkpoint(image)
+    with pytest.raises(VLMError, match=f"^data file not found: {tmp_path / 'missing.jsonl'}$"):
+        main(["fit", *run_args(tmp_path / "run", small_data), f"--data.train={tmp_path / 'missing.jsonl'}"])
+
+
+def test_fit_names_the_option_or_file_it_refuses(tmp_path, small_data):
+    with pytest.raises(VLMError) as err:
+        main(["fit", *run_args(tmp_path, small_data), f"--seed_everything={2**70}"])
+    assert str(err.value) == f"seed_everything must be true, false or an integer from 0 to {2**32 - 1}, got {2**70}"
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("trainer:\n  max_steps: caf\u00e9\n".encode("latin-1"))
+    for args in (["--config", str(latin)], [f"--config={latin}"]):
+        with pytest.raises(VLMError, match=f"^{latin} is not UTF-8 text \\(byte 0xe9 at offset 25\\)$"):
+            main(["fit", *run_args(tmp_path, small_data), *args])

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 from vlm.train.data import bad_rows_report, check_bad_fraction
 
 from vlm.files import atomic_file, remove_interrupted_writes
+from vlm.training_ckpt import export_state, read_training_checkpoint
 
 
 class DataHealth(Callback):
@@ -77,8 +79,14 @@ def _num_rows(dataset: Any) -> int:
 
 
 class InterruptedWrites(Callback):
-    """At the start of a fit, deletes what writes cut short by a killed run left in the run folder and the checkpoint
-    folders: `atomic_file`'s temporary files (`.NAME.PID.partial`) whose writer is no longer running."""
+    """At the start of a fit, deletes what a killed run left in the run folder and the checkpoint folders:
+
+    - `atomic_file`'s temporary files (`.NAME.PID.partial`) whose writer is no longer running;
+    - periodic checkpoints that no `ModelCheckpoint` of this run keeps (`orphaned_checkpoints`). A `ModelCheckpoint`
+      deletes only the files it remembers, and it remembers what the checkpoint it resumes from says: a run killed
+      between writing a new checkpoint and deleting the one it replaces leaves a file that no later run would ever
+      delete (nor overwrite: the next save of the same step takes a `-v1` name instead).
+    """
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -88,6 +96,38 @@ class InterruptedWrites(Callback):
         for folder in sorted(folders):
             for path in remove_interrupted_writes(folder):
                 rank_zero_info(f"removed {path}, left by an interrupted write")
+        for path in orphaned_checkpoints(trainer):
+            path.unlink(missing_ok=True)
+            rank_zero_info(f"removed {path}, a checkpoint of an earlier run that this run's checkpoints do not keep")
+
+
+def orphaned_checkpoints(trainer: Trainer) -> list[Path]:
+    """The periodic checkpoints in the trainer's `ModelCheckpoint` folders that none of them keeps: files named the
+    way Lightning names them by default (`epoch=E-step=S.ckpt`, `-vN` for a repeated name) that no callback in that
+    folder remembers (its best k, best, k-th best and last paths, as restored from the checkpoint the run resumes from)
+    and that are not the checkpoint the run resumes from. Never `last.ckpt` (it is not named so). A folder where a
+    callback keeps every checkpoint (`save_top_k=-1`) or names its files itself (`filename`) is left alone: its
+    files cannot be told apart from others'."""
+    by_folder: dict[Path, list[ModelCheckpoint]] = {}
+    for c in trainer.checkpoint_callbacks:
+        if isinstance(c, ModelCheckpoint) and c.dirpath:
+            by_folder.setdefault(Path(c.dirpath), []).append(c)
+    resumed = trainer.ckpt_path
+    resumed = {Path(resumed).resolve()} if resumed and "://" not in str(resumed) else set()
+    orphans = []
+    for folder, callbacks in sorted(by_folder.items()):
+        if not folder.is_dir() or any(c.save_top_k == -1 or c.filename is not None for c in callbacks):
+            continue
+        kept = set(resumed)
+        for c in callbacks:
+            remembered = [*c.best_k_models, c.best_model_path, c.kth_best_model_path, c.last_model_path]
+            kept |= {Path(p).resolve() for p in remembered if p}
+        names = {re.compile(r"epoch=\d+-step=\d+(-v\d+)?" + re.escape(c.FILE_EXTENSION)) for c in callbacks}
+        for path in sorted(folder.iterdir()):
+            named = any(n.fullmatch(path.name) for n in names)
+            if named and path.is_file() and not path.is_symlink() and path.resolve() not in kept:
+                orphans.append(path)
+    return orphans
 
 
 class RunArtifacts(Callback):
@@ -95,8 +135,6 @@ class RunArtifacts(Callback):
     training record, training.json) and a plot of the training and validation curves (`<run>/curves.png`)."""
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from vlm.training_ckpt import export_state
-
         state = trainer.strategy.lightning_module_state_dict()  # every rank: sharded strategies gather here
         if not trainer.is_global_zero:
             return
@@ -177,8 +215,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file in its own folder, fsyncs it, then renames it over the target, so a
     run killed mid-save leaves the previous checkpoint intact. (Lightning's own save goes through an fsspec
     transaction that writes into the system temp folder and moves the file: a copy, not an atomic rename, whenever
-    that folder is on another filesystem.) Loads with `torch.load(weights_only=True)`: a training checkpoint holds
-    only tensors and plain containers, so resuming never unpickles code."""
+    that folder is on another filesystem.) Loads through `read_training_checkpoint` (`torch.load(weights_only=True)`):
+    a training checkpoint holds only tensors and plain containers, so resuming never unpickles code, and a file that
+    holds more is one line naming it."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):
@@ -187,4 +226,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, f)
 
     def load_checkpoint(self, path, map_location: Any | None = lambda storage, loc: storage, weights_only=None):
-        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        return read_training_checkpoint(path, map_location)

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,11 +29,14 @@ from vlm.train.callbacks import AtomicCheckpointIO, StepProgressBar
 from vlm.train.data import VLMDataModule
 from vlm.train.module import VLMModule
 
-from vlm.errors import VLMError
+from vlm.errors import OptionError, VLMError
+from vlm.files import read_text
 
 SUBCOMMANDS = ("fit", "validate")
 # Without a configured ModelCheckpoint, a run still checkpoints this often, and always keeps last.ckpt.
 DEFAULT_CHECKPOINT_EVERY = 500
+# The largest seed Lightning's seed_everything takes (numpy's legacy seeding: 32 bits).
+SEED_LIMIT = 2**32 - 1
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -72,6 +76,19 @@ class VLMCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {k: v for k, v in LightningCLI.subcommands().items() if k in SUBCOMMANDS}
+
+    def parse_arguments(self, parser, args) -> None:
+        """Lightning's parsing, then the checks it lacks: `--seed_everything` in the range numpy's seeding takes (it
+        raises a bare "... is not in bounds" mid-run otherwise)."""
+        super().parse_arguments(parser, args)
+        seed = self.config.get(self.config.get("subcommand") or "", {}).get("seed_everything")
+        if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed <= SEED_LIMIT:
+            raise OptionError("seed_everything", f"true, false or an integer from 0 to {SEED_LIMIT}", seed)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads `--ckpt_path` here with a bare `torch.load`, for hyperparameters saved in the checkpoint to
+        override the config. VLMModule saves none (a run's settings are its config.yaml), so the file is read once,
+        when the run resumes (`AtomicCheckpointIO.load_checkpoint`), where one that cannot be read is one line."""
 
     def instantiate_trainer(self, **kwargs: Any):
         from lightning.fabric.plugins import CheckpointIO
@@ -143,6 +160,11 @@ def main(args: list[str]) -> None:
     """Runs `vlm fit ...` or `vlm validate ...`: `args` starts with the subcommand, then `--config` and overrides."""
     if args and args[0] not in SUBCOMMANDS and not args[0].startswith("-"):
         raise VLMError(f"unknown training command {args[0]!r}; choose from {', '.join(SUBCOMMANDS)}")
+    for i, arg in enumerate(args):  # a config file that is not UTF-8 is named (jsonargparse only says "codec ...")
+        path = arg.removeprefix("--config=") if arg.startswith("--config=") else None
+        path = args[i + 1] if arg == "--config" and i + 1 < len(args) else path
+        if path is not None and Path(path).is_file():
+            read_text(path)
     try:
         make_cli(args)
     except MisconfigurationException as e:  # Lightning's word for a bad trainer setting: one line, no traceback

@@ -11,15 +11,13 @@ from collections.abc import Sequence
 
 # ---------------------------------------------------------------------------------------------------------------------
 # VQA accuracy
-# Source: GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py (VQAEval.processPunctuation,
-# VQAEval.processDigitArticle, VQAEval.evaluate). Re-implemented here, not copied; quirks of the official script are
+# Source: GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py at its current commit (a013f00, 2021):
+# VQAEval.processPunctuation, processDigitArticle and evaluate. Re-implemented here, not copied; its quirks are
 # kept on purpose (and commented) because reproducing its numbers is the point.
 # ---------------------------------------------------------------------------------------------------------------------
 
-# Keys are the official table's keys. The official file writes most values (and some keys) with U+2019 apostrophes,
-# an encoding accident; the EvalAI answer processor used by the VQA challenge server (as copied into
-# facebookresearch/mmf) uses ASCII apostrophes, which is what we use. Keys containing an apostrophe can never match
-# (punctuation processing has already removed or split every ASCII apostrophe) and are kept only for fidelity.
+# The official table (ASCII apostrophes, as in the script's current version; an older version wrote most of them as
+# U+2019). Keys with an apostrophe can match: the official punctuation list leaves apostrophes alone.
 _CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
     "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't", "dont": "don't",
@@ -54,7 +52,8 @@ _NUMBER_WORDS = {
     "seven": "7", "eight": "8", "nine": "9", "ten": "10",
 }  # fmt: skip
 _ARTICLES = frozenset({"a", "an", "the"})
-_PUNCT = (";", ":", "/", "'", "[", "]", '"', "(", ")", "=", "+", "\\", "_", ">", "<", "@", "`", ",", "?")
+# The official list, in its order (its current version: `{ } - !` added, `:` and `'` dropped from an older one).
+_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
 _COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
 # The official pattern is r"(?!<=\d)(\.)(?!\d)": its "(?!<=\d)" is a negative *lookahead* for the literal text "<="
 # followed by a digit, which can never match where a "." starts, so it is a no-op. The effective rule is "delete
@@ -87,21 +86,24 @@ def _process_digit_article(text: str) -> str:
 
 
 def normalize_vqa_answer(text: str) -> str:
-    """Normalise a VQA answer exactly as the official VQAv2 evaluation script normalises a predicted answer.
+    """Normalise a VQA answer exactly as the official VQAv2 evaluation script normalises answers (when it does: see
+    :func:`vqa_accuracy`).
 
-    Steps, in order: newlines and tabs become spaces and the ends are stripped; punctuation ``; : / ' [ ] " ( ) = + \\
-    _ > < @ ` , ?`` is deleted if it touches a space (or if the text contains a comma between two digits, as in
-    "1,000") and otherwise replaced by a space; every period not followed by a digit is deleted ("yes." -> "yes",
-    "3.5" kept); the text is lower-cased and split on whitespace; number words zero..ten (and "none") become digits;
-    the articles a/an/the are dropped; apostrophe-less contractions are restored ("isnt" -> "isn't"); words are
-    re-joined with single spaces.
+    Steps, in order: newlines and tabs become spaces and the ends are stripped; each punctuation mark of ``; / [ ] "
+    { } ( ) = + \\ _ - > < @ ` , ? !`` is deleted if it touches a space anywhere in the text (or if the text contains a
+    comma between two digits, as in "1,000") and otherwise replaced by a space; every period not followed by a digit
+    is deleted ("yes." -> "yes", "3.5" kept); the text is lower-cased and split on whitespace; number words zero..ten
+    (and "none") become digits; the articles a/an/the are dropped; apostrophe-less contractions are restored ("isnt"
+    -> "isn't"); words are re-joined with single spaces. Colons and apostrophes are kept ("3:00", "isn't").
 
-    Faithful quirk: an apostrophe inside a word becomes a space, so "isn't" -> "isn t" while "isnt" -> "isn't".
-
-    Examples: "Two" -> "2", "the dog." -> "dog", "1,000" -> "1000", "Yes." -> "yes".
+    Examples: "Red!" -> "red", "Two" -> "2", "the dog." -> "dog", "1,000" -> "1000", "t-shirt" -> "t shirt".
     """
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return _process_digit_article(_process_punctuation(text))
+    return _process_digit_article(_process_punctuation(_strip(text)))
+
+
+def _strip(text: str) -> str:
+    """What the official script does to every answer first: newlines and tabs become spaces, the ends are stripped."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
 
 
 def _as_reference_list(references: str | Sequence[str]) -> list[str]:
@@ -127,36 +129,32 @@ def vqa_accuracy(prediction: str, references: str | Sequence[str], *, references
     with every reference always scores 1.0; with n = 2 or 3 a literal divisor of 3 would cap the score at (n - 1) / 3.
 
     By default the prediction and every reference go through :func:`normalize_vqa_answer`, so raw references such as
-    "Two" or "the dog." work. The official script instead relies on the released VQAv2 annotations being
-    pre-normalised: it leaves reference answers as they are, except that it applies only the punctuation step to all
-    of them when they are not all identical. ``references_prenormalized=True`` reproduces that exactly, for scoring
-    VQAv2-style annotation files bit-for-bit like the official script. In the default mode both sides are also
-    compared with apostrophes read as spaces: the official normalization maps "isnt" to "isn't" but splits "isn't"
-    into "isn t", so without this a contraction would never match its own spelling with an apostrophe.
+    "Two" or "the dog." work. The official script (its current version) normalises less: it strips newlines, tabs and
+    the ends of every answer, and normalises the prediction and the references only when the references are not all
+    the same; unanimous references ("red" ten times) are compared with the prediction as it is ("Red!" scores 0, "red"
+    1). It relies on the released VQAv2 annotations being written the normalised way already.
+    ``references_prenormalized=True`` does exactly that: with 4 or more references (VQAv2 has 10) the result is
+    bit-for-bit the official script's.
 
     Returns a float in [0, 1].
     """
     refs = _as_reference_list(references)
-    pred = normalize_vqa_answer(prediction)
+    normalise = True
     if references_prenormalized:
-        if len(set(refs)) > 1:
-            refs = [_process_punctuation(r) for r in refs]
-    else:
-        pred = _apostrophes_as_spaces(pred)
-        refs = [_apostrophes_as_spaces(normalize_vqa_answer(r)) for r in refs]
+        refs = [_strip(r) for r in refs]
+        normalise = len(set(refs)) > 1
+    pred = normalize_vqa_answer(prediction) if normalise else _strip(prediction)
+    refs = [normalize_vqa_answer(r) for r in refs] if normalise else refs
     matches = [r == pred for r in refs]
     n = len(refs)
     if n == 1:
         return 1.0 if matches[0] else 0.0
     needed = min(3, n - 1)
     total_matches = sum(matches)
-    # Leaving out reference i removes one match exactly when reference i itself matches.
+    # Leaving out reference i removes one match exactly when reference i itself matches; the official script sums
+    # the per-subset scores in this order and divides by n, so the float result is the same to the last bit.
     per_subset = [min(1.0, (total_matches - int(m)) / needed) for m in matches]
     return sum(per_subset) / n
-
-
-def _apostrophes_as_spaces(text: str) -> str:
-    return " ".join(text.replace("'", " ").split())
 
 
 def _normalize_whitespace_case(text: str) -> str:

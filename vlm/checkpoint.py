@@ -10,6 +10,7 @@ import copy
 import sys
 from pathlib import Path
 
+import psutil
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model as load_safetensors
@@ -70,16 +71,32 @@ def _load(path: str | Path) -> tuple[VisionLanguageModel, Processor]:
 
 
 def _build_from_file(config: VLMConfig, tokenizer, file: Path) -> VisionLanguageModel:
-    """The model a config read from `file` describes, with random weights; one line naming the file when it cannot
-    be built (a wrong type or an impossible size, e.g. "num_heads": 0, is refused deep inside timm, transformers or
-    torch, with whatever exception each raises)."""
+    """The model a config read from `file` describes, with random weights. It is first built on the meta device (no
+    memory): a model that cannot be built, or that would not fit in the memory this machine has free, is a one-line
+    `VLMError` naming the file before anything is allocated."""
     try:
-        return VisionLanguageModel.from_config(config, tokenizer, pretrained=False)
-    except VLMError:
-        raise
-    except Exception as e:  # see the docstring: the parts' libraries raise many types for a bad config
+        with torch.device("meta"):
+            dry = VisionLanguageModel.from_config(config, tokenizer, pretrained=False)
+    except VLMError as e:
+        raise VLMError(f"bad config {file}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - timm and transformers raise many types for shapes they cannot build
         reason = (str(e).strip().splitlines() or [""])[0]
         raise VLMError(f"cannot build the model {file} describes ({type(e).__name__}: {reason})") from None
+    tensors = [*dry.parameters(), *dry.buffers()]
+    need, free = sum(t.numel() * t.element_size() for t in tensors), psutil.virtual_memory().available
+    if need > free:
+        params = sum(p.numel() for p in dry.parameters())
+        count = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.2f}M"
+        raise VLMError(
+            f"the model {file} describes needs {_size(need)} ({count} parameters), more than the "
+            f"{_size(free)} of memory free on this machine"
+        )
+    return VisionLanguageModel.from_config(config, tokenizer, pretrained=False)
+
+
+def _size(num_bytes: int) -> str:
+    """A memory size as people read it: MB below a gigabyte, else GB."""
+    return f"{num_bytes / 1e6:.1f} MB" if num_bytes < 1e9 else f"{num_bytes / 1e9:.1f} GB"
 
 
 def load_model(path: str | Path) -> VisionLanguageModel:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -104,22 +106,18 @@ class VLMConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VLMConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known - {"format_version"}
-        if unknown:
-            raise VLMError(f"unknown config keys: {', '.join(sorted(unknown))}")
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> VLMConfig:
+        """The config a dict (e.g. a parsed config.json) describes; a one-line `VLMError` naming `source` and the
+        field when a key is unknown or a value has the wrong type for its field."""
         d = dict(d)
         d.pop("format_version", None)
-        try:
-            return cls(
-                encoder=EncoderConfig(**d.pop("encoder", {})),
-                projector=ProjectorConfig(**d.pop("projector", {})),
-                decoder=DecoderConfig(**d.pop("decoder", {})),
-                **d,
-            )
-        except TypeError as e:  # an unknown key inside a part, or a part that is not an object
-            raise VLMError(f"bad config: {e}") from None
+        parts = {}
+        for name, part_cls in (("encoder", EncoderConfig), ("projector", ProjectorConfig), ("decoder", DecoderConfig)):
+            part = d.pop(name, {})
+            if not isinstance(part, dict):
+                raise VLMError(f"bad {source}: {name} must be an object, got {_short(part)}")
+            parts[name] = part_cls(**_checked(part_cls, part, source, f"{name}."))
+        return cls(**parts, **_checked(cls, d, source, ""))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps({"format_version": 1, **self.to_dict()}, indent=2) + "\n")
@@ -129,7 +127,7 @@ class VLMConfig:
         d = read_json(path)
         if not isinstance(d, dict):
             raise VLMError(f"bad config {path}: not a JSON object")
-        return cls.from_dict(d)
+        return cls.from_dict(d, source=f"config {path}")
 
     @classmethod
     def from_name(cls, name: str) -> VLMConfig:
@@ -137,6 +135,66 @@ class VLMConfig:
         if name not in PRESETS:
             raise VLMError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
         return cls.from_dict(json.loads(json.dumps(PRESETS[name])))
+
+
+def _checked(cls: type, values: dict[str, Any], source: str, prefix: str) -> dict[str, Any]:
+    """`values` if each names a field of the dataclass `cls` and has that field's type; else a one-line `VLMError`
+    naming `source` and the field (`prefix` + name), so a bad config.json is refused before anything is built."""
+    fields = {f.name for f in dataclasses.fields(cls) if f.name not in PARTS}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise VLMError(f"bad {source}: unknown config keys: {', '.join(prefix + k for k in unknown)}")
+    hints = typing.get_type_hints(cls)
+    return check_fields(values, {name: hints[name] for name in fields}, f"bad {source}", prefix)
+
+
+def check_fields(
+    values: dict[str, Any], types: dict[str, Any], source: str, prefix: str = "", required: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """`values` (read from a JSON file) if each one that `types` names fits its type hint and none of `required` is
+    missing; else a one-line `VLMError`: "SOURCE: PREFIXNAME must be a string, got 5"."""
+    for name in required:
+        if name not in values:
+            raise VLMError(f"{source}: {prefix}{name} is missing")
+    for name, value in values.items():
+        if name in types and not _has_type(value, types[name]):
+            raise VLMError(f"{source}: {prefix}{name} must be {_type_name(types[name])}, got {_short(value)}")
+    return values
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a config field's type hint (the few kinds config fields use). JSON has no separate
+    integers for floats, so an int is a float; true and false are not numbers."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if origin is dict:
+        key, item = args
+        return isinstance(value, dict) and all(_has_type(k, key) and _has_type(v, item) for k, v in value.items())
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float) if hint is float else hint)
+
+
+def _type_name(hint: Any) -> str:
+    """A type hint as the error for a value that does not fit it says it: "a string or null"."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "null"}
+    return names.get(hint, "an object")  # dict[str, Any]
+
+
+def _short(value: Any) -> str:
+    """A value as an error message quotes it: JSON, cut to 60 characters."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _llama(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, max_pos: int, **kw: Any) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import (
     CONFIG_MAPPING,
     AutoConfig,
@@ -34,6 +35,8 @@ from vlm.files import atomic_folder, read_json
 
 PACKAGE_PREFIX = "package:"
 # The files of a model folder where transformers finds `auto_map`, its pointer to Python files shipped in the folder.
+# The JSON files of a tokenizer folder that transformers reads as objects (settings, vocabulary, special tokens).
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json")
 CODE_POINTER_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
 
 
@@ -144,6 +147,9 @@ def resolve_source(source: str) -> str:
 def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
     """A tokenizer from a local folder, a GGUF file, a `package:` path or a hub id."""
     folder = resolve_source(source)
+    for name in TOKENIZER_FILES if Path(folder).is_dir() else ():
+        if (Path(folder) / name).is_file() and not isinstance(read_json(Path(folder) / name), dict):
+            raise VLMError(f"bad tokenizer file {Path(folder) / name}: not a JSON object")
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except OSError as e:
@@ -176,6 +182,9 @@ def build_decoder(cfg: DecoderConfig, vocab_size: int) -> PreTrainedModel:
             config = AutoConfig.for_model(hf.pop("model_type"), **{**hf, "vocab_size": vocab_size})
         except (ValueError, KeyError) as e:
             raise VLMError(f"bad decoder.hf_config: {e}") from e
+        except StrictDataclassError as e:  # transformers' typed configs: "Validation error for field ...", then why
+            reason = str(e).splitlines()[-1].strip().removeprefix("TypeError: ")
+            raise VLMError(f"bad decoder.hf_config: {reason}") from None
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     if model.get_input_embeddings().num_embeddings != vocab_size:
         model.resize_token_embeddings(vocab_size, mean_resizing=False)

@@ -145,20 +145,28 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
+def read_text(path: str | Path) -> str:
+    """The text of the UTF-8 file `path` (a byte-order mark is allowed); a file that cannot be read or is not UTF-8
+    is a VLMError naming it."""
+    path = Path(path)
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise VLMError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except OSError as e:
+        raise VLMError(f"cannot read {path}: {e.strerror}") from None
+
+
 def read_json(path: str | Path) -> Any:
     """The JSON document in the UTF-8 file `path`; a file that cannot be read, is not UTF-8 or is not JSON is a
     VLMError naming it."""
     path = Path(path)
     try:
-        return json.loads(path.read_bytes().decode("utf-8-sig"))  # a byte-order mark is allowed
-    except UnicodeDecodeError as e:
-        raise VLMError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise VLMError(f"bad JSON in {path}: {e.msg} (line {e.lineno}, column {e.colno})") from None
     except (ValueError, RecursionError) as e:  # a number with too many digits, nesting too deep
         raise VLMError(f"bad JSON in {path}: {str(e)[:200] or 'nested too deeply'}") from None
-    except OSError as e:
-        raise VLMError(f"cannot read {path}: {e.strerror}") from None
 
 
 def write_jsonl(path: str | Path, rows: Any) -> None:

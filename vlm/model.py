@@ -116,7 +116,7 @@ class VisionLanguageModel(nn.Module):
         projector = build_projector(config.projector, encoder.num_features, embeddings.embedding_dim, encoder.grid_size)
         if getattr(projector, "norm", None) is not None:  # image tokens start at the text tokens' scale
             with torch.no_grad():
-                projector.norm.weight.fill_(float(embeddings.weight.float().pow(2).mean().sqrt()))
+                projector.norm.weight.copy_(embeddings.weight.float().pow(2).mean().sqrt())  # no .item(): meta-safe
         return cls(config, encoder, projector, decoder, image_token_id)
 
     def expand_decoder(self, num_layers: int) -> list[int]:

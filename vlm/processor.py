@@ -16,15 +16,16 @@ import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from jinja2 import TemplateError
 from PIL import Image
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from vlm.config import PROCESSOR_FILE, VLMConfig
+from vlm.config import PROCESSOR_FILE, VLMConfig, check_fields
 from vlm.decoder import load_tokenizer
 from vlm.errors import VLMError
 from vlm.files import read_json
@@ -41,6 +42,18 @@ RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
     "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+# The settings of a processor file (`Processor.save_pretrained`) and their types.
+_SETTINGS = {
+    "transform": dict[str, Any],
+    "num_image_tokens": int,
+    "image_token": str,
+    "caption_prompt": str,
+    "max_length": int | None,
+    "images_after_text": bool,
+    "chat_template": str | None,
 }
 
 
@@ -70,8 +83,10 @@ def _checked_transform(t: dict[str, Any], file: Path) -> ImageTransform:
     """The `transform` of a processor file, refused in one line naming the file and the field when its numbers
     cannot normalise an image: a std of 0 (or below, or not finite) would turn every pixel into NaN or inf, and the
     model would still answer, confidently, from nothing."""
-    if not isinstance(t, dict):
-        raise VLMError(f"{file}: transform must be an object, got {json.dumps(t)}")
+    check_fields(t, {"interpolation": Literal[tuple(RESAMPLE)]}, str(file), "transform.", ("size", "mean", "std"))
+    size = t["size"]
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise VLMError(f"{file}: transform.size must be two positive integers (height, width), got {json.dumps(size)}")
     for field in ("mean", "std"):
         values = t.get(field)
         ok = isinstance(values, list) and len(values) == 3 and all(_is_number(v) for v in values)
@@ -207,11 +222,15 @@ class Processor:
     def from_pretrained(cls, path: str | Path) -> Processor:
         """Loads from a checkpoint folder without building the model (e.g. in data-loading workers)."""
         path = Path(path)
-        meta = read_json(path / PROCESSOR_FILE)
-        transform = _checked_transform(meta["transform"], path / PROCESSOR_FILE)
+        file = path / PROCESSOR_FILE
+        meta = read_json(file)
+        if not isinstance(meta, dict):
+            raise VLMError(f"{file}: not a JSON object")
+        check_fields(meta, _SETTINGS, str(file), required=tuple(k for k in _SETTINGS if k != "images_after_text"))
+        transform = _checked_transform(meta["transform"], file)
         tokenizer = load_tokenizer(str(path))
         tokenizer.chat_template = meta["chat_template"]
-        return cls(
+        processor = cls(
             tokenizer,
             transform,
             meta["num_image_tokens"],
@@ -220,6 +239,11 @@ class Processor:
             meta["max_length"],
             meta.get("images_after_text", False),  # not written before this option existed
         )
+        try:  # a template the sandbox refuses, or that cannot render one question, is refused now, naming the file
+            processor._render([{"role": "user", "content": "?"}], add_generation_prompt=True)
+        except VLMError as e:
+            raise VLMError(f"{file}: chat_template: {e}") from None
+        return processor
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """The saved files as uint8 tensors (name -> bytes), so a training checkpoint, which holds only tensors and
@@ -266,9 +290,15 @@ class Processor:
         raise VLMError(f"the conversation has {found} {self.image_token} placeholders for {num_images} images")
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        """The chat template rendered for `messages`; a template that jinja's sandbox refuses (SecurityError), that
+        does not parse, or that refuses the conversation (`raise_exception`) is a one-line `VLMError`."""
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except TemplateError as e:
+            reason = (str(e).strip().splitlines() or [""])[0]
+            raise VLMError(f"the chat template cannot be used ({type(e).__name__}: {reason})") from None
 
     def text_ids(self, text: str) -> list[int]:
         """Token ids of text from a user or a data file: special tokens written in it are plain text."""

@@ -4,6 +4,7 @@ the run's training record (training.json, shown by the model card) beside the we
 from __future__ import annotations
 
 import datetime
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import torch
 from vlm.checkpoint import save_checkpoint
 from vlm.config import PARTS, VLMConfig
 from vlm.errors import VLMError
-from vlm.files import write_json
+from vlm.files import check_input_file, write_json
 from vlm.lora import LoraSettings, add_lora, merged_copy
 from vlm.model import VisionLanguageModel
 from vlm.model_card import TRAINING_FILE
@@ -72,6 +73,26 @@ def checkpoint_record(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
     return record
 
 
+def read_training_checkpoint(path: str | Path, map_location: Any = None) -> dict[str, Any]:
+    """A training checkpoint read with `torch.load(weights_only=True)`: tensors and plain containers only, never
+    unpickled code. A file that is missing, not a regular file, truncated, foreign or holding pickled Python objects
+    is a one-line `VLMError` naming it."""
+    path = check_input_file(path, "training checkpoint")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ... for a bad file
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))  # what weights_only refuses to unpickle
+        if refused:
+            raise VLMError(
+                f"training checkpoint {path} holds pickled Python objects ({refused.group(1)}); vlm reads only "
+                "tensors and plain containers and never unpickles code"
+            ) from None
+        # torch's own reason follows its advice to load with weights_only=False, which vlm never takes.
+        reason = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
+        reason = (reason.group(1) if reason else (str(e).splitlines() or [""])[0]).split(". ")[0]
+        raise VLMError(f"cannot read training checkpoint {path}: {reason}") from None
+
+
 def import_ckpt(checkpoint: str, out_dir: str) -> None:
     """Writes the model of a training checkpoint as a vlm checkpoint folder (LoRA adapters merged), with the run's
     training record as of that checkpoint (training.json: steps, data, learning rates; shown by the model card).
@@ -81,12 +102,7 @@ def import_ckpt(checkpoint: str, out_dir: str) -> None:
         out_dir: The folder to write (replaced atomically if it exists); load it with `vlm caption --model OUT_DIR`.
     """
     path = Path(checkpoint)
-    if not path.is_file():
-        raise VLMError(f"training checkpoint not found: {checkpoint}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say so in one line
-        raise VLMError(f"cannot read training checkpoint {checkpoint}: {str(e).splitlines()[0]}") from e
+    ckpt = read_training_checkpoint(path, map_location="cpu")
     if "vlm" not in ckpt or "state_dict" not in ckpt:
         raise VLMError(f"{checkpoint} is not a training checkpoint written by vlm fit")
     out = export_state({**ckpt["vlm"], "training": checkpoint_record(ckpt, path)}, ckpt["state_dict"], out_dir)

@@ -14,10 +14,10 @@ from safetensors import safe_open
 from torch import Tensor
 
 from vlm.checkpoint import save_checkpoint
-from vlm.config import DecoderConfig, EncoderConfig, ProjectorConfig, VLMConfig
+from vlm.config import WEIGHTS_FILE, DecoderConfig, EncoderConfig, ProjectorConfig, VLMConfig
 from vlm.decoder import context_length, load_tokenizer, refuse_remote_code
 from vlm.errors import VLMError
-from vlm.files import free_folder, read_json
+from vlm.files import check_input_file, free_folder, read_json
 from vlm.llava.keys import from_llava, legacy_key, timm_activation
 from vlm.llava.templates import for_text_content, vlm_template
 from vlm.model import VisionLanguageModel
@@ -41,8 +41,9 @@ def import_hf(src: str, out_dir: str) -> None:
     from transformers import AutoConfig
 
     out = free_folder(out_dir)
-    folder = _local_folder(src)
+    folder, root = _local_folder(src)
     refuse_remote_code(folder)
+    weight_files = _weight_files(folder, root)
     try:
         hf = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as e:
@@ -68,7 +69,7 @@ def import_hf(src: str, out_dir: str) -> None:
     )
     transform = _image_transform(folder, hf.vision_config.image_size)
     model = VisionLanguageModel.from_config(config, tokenizer, pretrained=False)
-    _load_llava_weights(model, _read_weights(folder), src)
+    _load_llava_weights(model, _read_weights(weight_files), src)
     processor = Processor(
         tokenizer,
         transform,
@@ -83,18 +84,21 @@ def import_hf(src: str, out_dir: str) -> None:
     print(f"wrote a vlm checkpoint of LLaVA model {src} ({n / 1e6:.2f}M parameters) to {out}", file=sys.stderr)
 
 
-def _local_folder(src: str) -> Path:
+def _local_folder(src: str) -> tuple[Path, Path]:
+    """The folder of a LLaVA model (downloaded first for a hub id), and the folder its files may resolve into: itself,
+    or for a hub download the repository's cache folder (the hub links a snapshot's files to `../../blobs/`)."""
     path = Path(src)
     if path.is_dir():
-        return path
+        return path, path
     if path.exists() or src.startswith((".", "/", "~")) or src.count("/") != 1:
         raise VLMError(f"not a LLaVA folder or hub id: {src}")
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]))
+        snapshot = snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"])
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, auth: all mean "cannot fetch"
         raise VLMError(f"cannot download {src} from the hub: {str(e).splitlines()[0]}") from e
+    return Path(snapshot), Path(snapshot).parent.parent
 
 
 def _encoder_config(hf: Any) -> EncoderConfig:
@@ -140,17 +144,39 @@ def _mlp_ratio(hidden: int, width: int) -> float:
     return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
 
 
-def _read_weights(folder: Path) -> dict[str, Tensor]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(read_json(index)["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise VLMError(f"no safetensors weights (model.safetensors or its index) in {folder}")
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _weight_files(folder: Path, root: Path) -> list[Path]:
+    """The safetensors files of a LLaVA folder: `model.safetensors`, or those its index's `weight_map` names. Each
+    must be a regular file that resolves inside `root` (see `_local_folder`): an index naming an absolute path, a
+    `..`, a link out of the folder or a missing file is a one-line `VLMError`, and nothing outside is ever read."""
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        if not (folder / WEIGHTS_FILE).is_file():
+            raise VLMError(f"no safetensors weights ({WEIGHTS_FILE} or {INDEX_FILE}) in {folder}")
+        return [folder / WEIGHTS_FILE]
+    weight_map = read_json(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise VLMError(f"bad weight index {index}: weight_map must be an object of weight names to file names")
+    files = []
+    for name in sorted(set(weight_map.values())):
+        path = folder / name
+        if Path(name).is_absolute() or ".." in Path(name).parts or not path.resolve().is_relative_to(root.resolve()):
+            raise VLMError(f"weight index {index} names {name!r}, outside the model folder {folder}")
+        try:
+            files.append(check_input_file(path, "weight file"))
+        except VLMError as e:
+            raise VLMError(f"weight index {index} names {name!r}: {e}") from None
+    return files
+
+
+def _read_weights(files: list[Path]) -> dict[str, Tensor]:
+    """Every tensor of the safetensors `files`, by name."""
     state = {}
-    for name in files:
-        with safe_open(str(folder / name), framework="pt") as f:
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
                 state[key] = f.get_tensor(key)
     return state
