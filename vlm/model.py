@@ -40,6 +40,7 @@ PACKING_ATTENTION = ("sdpa", "eager", "flex_attention")
 class VLMOutput:
     loss: Tensor | None
     logits: Tensor
+    hidden_states: Tensor | None = None  # the decoder's last hidden states (B, T, D), when asked for
 
 
 def build_encoder(config: VLMConfig, pretrained: bool) -> ImageEncoder:
@@ -186,8 +187,10 @@ class VisionLanguageModel(nn.Module):
         pixel_values: Tensor | None = None,
         labels: Tensor | None = None,
         position_ids: Tensor | None = None,
+        output_hidden_states: bool = False,
     ) -> VLMOutput:
-        """Logits, and with `labels` the mean cross-entropy over the labelled tokens.
+        """Logits, and with `labels` the mean cross-entropy over the labelled tokens; with `output_hidden_states`, the
+        decoder's last hidden states too (what a reward head reads).
 
         Padded rows pass `attention_mask` (positions then count real tokens only). Packed rows pass `position_ids`
         restarting at 0 at each sample and no `attention_mask`: attention stays inside each sample, and a token at
@@ -200,16 +203,21 @@ class VisionLanguageModel(nn.Module):
             check_packing(self.decoder)
         # No cache: the mask builder only looks for packed samples without one, and nothing here reuses it.
         with self._positioned(input_ids):
-            logits = self.decoder(
-                inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            ).logits
+            out = self.decoder(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+                output_hidden_states=output_hidden_states,
+            )
+        logits = out.logits
         loss = None
         if labels is not None:  # predict token t+1 from position t; only labelled positions count
             targets = labels[:, 1:]
             if position_ids is not None:  # position 0 starts a sample: the sample before it does not predict it
                 targets = targets.masked_fill(position_ids[:, 1:] == 0, IGNORE_INDEX)
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-        return VLMOutput(loss=loss, logits=logits)
+        return VLMOutput(loss, logits, out.hidden_states[-1] if output_hidden_states else None)
 
     @torch.no_grad()
     def generate(
