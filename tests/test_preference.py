@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch import Callback
 from vlm.train.cli import main, make_cli
 from vlm.train.grpo import answer_mask
+from vlm.train.rewards import Rewards, RewardSpec, Rollout
 
 from vlm.checkpoint import load
 from vlm.data import RowError, read_pairs
@@ -145,6 +146,11 @@ def test_reward_model_ranks_held_out_pairs(tmp_path, pairs):
     assert summary["pairs"] == 16 and summary["accuracy"] > 0.9 and summary["broken_rows"] == 0
     scored = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
     assert all(r["chosen_score"] > r["rejected_score"] for r in scored)
+    # The reward model as one more GRPO reward: the same scores.
+    rewards = Rewards([RewardSpec("reward_model", args={"path": str(tmp_path / "model")})])
+    row = scored[0]
+    rollouts = [Rollout(row["prompt"], row[k], [], {}, [Path(row["image"])]) for k in ("chosen", "rejected")]
+    assert rewards(rollouts)[0]["total"] == pytest.approx([row["chosen_score"], row["rejected_score"]], abs=1e-4)
     # Question rows with an answer get a score each; a folder without a head is refused in one line.
     (tmp_path / "qa.jsonl").write_text(json.dumps({"image": str(SHAPES / "images/train_00000.png"),
                                                    "question": "What?", "answer": "circle"}) + "\n")  # fmt: skip

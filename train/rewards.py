@@ -136,22 +136,16 @@ def refusal(r: Rollout, field: str = "refuse", pattern: str = REFUSAL) -> float:
 
 @register("reward_model")
 def reward_model(path: str, batch_size: int = 16) -> RewardFn:
+    import torch
+
+    from vlm.data import load_row_images
     from vlm.reward import load_reward_model
 
-    model, processor = load_reward_model(path)
+    model, processor = load_reward_model(path, "cuda" if torch.cuda.is_available() else "cpu")
 
     def score(rollouts: list[Rollout]) -> list[float]:
-        from vlm.data import load_row_images
-
-        device = next(model.parameters()).device
-        model.to(device)
-        return model.score(
-            processor,
-            [r.prompt for r in rollouts],
-            [r.answer for r in rollouts],
-            [load_row_images(r.images) for r in rollouts],
-            batch_size,
-        )
+        prompts, answers = [r.prompt for r in rollouts], [r.answer for r in rollouts]
+        return model.score(processor, prompts, answers, [load_row_images(r.images) for r in rollouts], batch_size)
 
     return score
 
