@@ -55,7 +55,7 @@ def generate_preference(
     net, processor = open_model(model, device, dtype)
     items = items_from_jsonl(Path(data), processor.caption_prompt, require_target=True, limit=limit)
     rows = [it for it in items if it.error is None and "question" in it.row]
-    broken = len(items) - len(rows)
+    skipped = len(items) - len(rows)  # broken rows, and rows that are not questions
     wrong: dict[int, list[str]] = {}
     answered = 0
     for k in range(samples):
@@ -84,4 +84,4 @@ def generate_preference(
         raise VLMError(f"the model answered none of the {answered} questions of {data} wrongly: no pairs to write")
     write_jsonl(out, pairs)
     print(f"vlm: {len(pairs)} pairs from {len(wrong)} of {answered} questions answered wrongly", file=sys.stderr)
-    return {"pairs": len(pairs), "questions": answered, "wrong": len(wrong), "broken_rows": broken, "out": out}
+    return {"pairs": len(pairs), "questions": answered, "wrong": len(wrong), "skipped_rows": skipped, "out": out}

@@ -205,3 +205,23 @@ def test_grpo_refuses_an_unknown_reward(tmp_path):
             "--model.config=tiny", "--model.pretrained=false", "--model.rewards=[{name: exactly}]"]  # fmt: skip
     with pytest.raises(VLMError, match="^unknown reward 'exactly'"):
         make_cli(args, run=False, method="fit-grpo")
+
+
+def test_pairs_from_a_models_mistakes(tmp_path, tiny_checkpoint):
+    from vlm.eval.mistakes import generate_preference
+
+    rows = [json.loads(line) for line in (SHAPES / "val.jsonl").read_text().splitlines()[:6]]
+    rows.append({"image": rows[0]["image"], "caption": "not a question"})
+    (tmp_path / "data").mkdir()
+    data = tmp_path / "data" / "q.jsonl"
+    data.write_text("".join(json.dumps({**r, "image": str(SHAPES / r["image"])}) + "\n" for r in rows))
+    out = tmp_path / "pairs" / "train.jsonl"
+    summary = generate_preference(str(data), str(out), str(tiny_checkpoint), samples=2, device="cpu")
+    pairs = list(read_pairs(out))
+    assert summary["skipped_rows"] == 1 and summary["questions"] == 6 and summary["pairs"] == len(pairs) > 0
+    by_question = {r["question"]: r for r in rows[:6]}
+    for pair in pairs:  # chosen: the reference; rejected: a wrong answer of the model; the row's fields and image kept
+        row = by_question[pair.prompt]
+        assert pair.chosen == row["answer"] and pair.rejected != row["answer"] and pair.row["type"] == row["type"]
+        assert [p.resolve() for p in pair.images] == [SHAPES / row["image"]]
+        assert not Path(pair.row["image"]).is_absolute()
