@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from vlm.checkpoint import load, save_checkpoint
+from vlm.checkpoint import load
 from vlm.errors import VLMError
 from vlm.files import check_output_file, write_jsonl
 from vlm.model import VisionLanguageModel
@@ -79,13 +79,6 @@ class RewardModel(nn.Module):
             scores = self(batch["input_ids"].to(device), batch["attention_mask"].to(device), pixels)
             out += scores.float().tolist()
         return out
-
-
-def save_reward_model(model: RewardModel, path: str | Path, processor: Processor) -> Path:
-    """The vlm checkpoint folder of `model.vlm`, with the head beside it."""
-    out = save_checkpoint(model.vlm, path, processor)
-    save_head(model.head.state_dict(), out)
-    return out
 
 
 def save_head(state: dict[str, Tensor], folder: Path) -> None:
