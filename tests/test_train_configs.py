@@ -12,24 +12,31 @@ from vlm.train.cli import main, make_cli
 from vlm.lora import LoraSettings
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "samples" / "configs").glob("*.yaml"))
+# Recipes of the preference and reinforcement methods, and their commands; the others are `vlm fit`'s.
+METHOD_RECIPES = {"dpo.yaml": "fit-dpo", "reward.yaml": "fit-reward", "grpo.yaml": "fit-grpo"}
 
 
 def assert_within(given, resolved, where: str) -> None:
     if isinstance(given, dict):
         for key, value in given.items():
             assert_within(value, resolved[key], f"{where}.{key}")
+    elif isinstance(given, list) and given and isinstance(given[0], dict):
+        assert len(resolved) == len(given), where
+        for k, (value, got) in enumerate(zip(given, resolved)):
+            assert_within(value, got, f"{where}[{k}]")
     else:
         assert resolved == given, where
 
 
 def test_the_recipes_are_there():
-    assert {"tiny.yaml", "align.yaml", "instruct.yaml", "nanovlm-222m.yaml"} <= {p.name for p in CONFIGS}
+    expected = {"tiny.yaml", "align.yaml", "instruct.yaml", "nanovlm-222m.yaml", *METHOD_RECIPES}
+    assert expected <= {p.name for p in CONFIGS}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_recipe_parses(config, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["fit", "--config", str(config), "--print_config"])
+        main([METHOD_RECIPES.get(config.name, "fit"), "--config", str(config), "--print_config"])
     assert e.value.code in (0, None)
     resolved = yaml.safe_load(capsys.readouterr().out)
     given = yaml.safe_load(config.read_text())

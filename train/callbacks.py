@@ -139,12 +139,13 @@ class RunArtifacts(Callback):
         if not trainer.is_global_zero:
             return
         root = Path(trainer.default_root_dir)
-        out = export_state(pl_module.export_meta(), state, root / "model")
+        out = pl_module.export_model(state, root / "model")
         rank_zero_info(f"trained model saved to {out} (load it with: vlm caption --model {out} IMAGE)")
         for logger in trainer.loggers:
             if isinstance(logger, CSVLogger):
                 logger.save()
-                if plot_curves(Path(logger.log_dir) / "metrics.csv", root / "curves.png"):
+                extra = getattr(pl_module, "curve_metrics", ())
+                if plot_curves(Path(logger.log_dir) / "metrics.csv", root / "curves.png", extra):
                     rank_zero_info(f"training curves plotted to {root / 'curves.png'}")
 
 
@@ -160,8 +161,9 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def plot_curves(metrics_csv: Path, out: Path) -> bool:
-    """Plots training/validation loss (and validation accuracy) against the step; False when there is nothing."""
+def plot_curves(metrics_csv: Path, out: Path, extra: tuple[str, ...] = ()) -> bool:
+    """Plots training/validation loss (and validation accuracy) against the step, and each metric of `extra` that
+    was logged in a panel of its own (rewards, margins, KL, ...); False when there is nothing."""
     if not metrics_csv.is_file():
         return False
     from matplotlib.figure import Figure  # no pyplot: renders with Agg, never opens a window
@@ -170,8 +172,10 @@ def plot_curves(metrics_csv: Path, out: Path) -> bool:
     if "train/loss" not in series and "val/loss" not in series:
         return False
     has_accuracy = "val/accuracy" in series
-    fig = Figure(figsize=(10 if has_accuracy else 6, 4), tight_layout=True)
-    axes = fig.subplots(1, 2 if has_accuracy else 1, squeeze=False)[0]
+    extra = tuple(key for key in extra if key in series)
+    panels = 1 + has_accuracy + len(extra)
+    fig = Figure(figsize=(2 + 4 * panels, 4), tight_layout=True)
+    axes = fig.subplots(1, panels, squeeze=False)[0]
     for key, style in (("train/loss", "-"), ("val/loss", "o-")):
         if key in series:
             steps, values = zip(*series[key])
@@ -181,8 +185,12 @@ def plot_curves(metrics_csv: Path, out: Path) -> bool:
     if has_accuracy:
         steps, values = zip(*series["val/accuracy"])
         axes[1].plot(steps, values, "o-", markersize=3, label="val/accuracy")
-        axes[1].set(xlabel="step", ylabel="exact match", ylim=(0, 1))
+        axes[1].set(xlabel="step", ylabel="accuracy", ylim=(0, 1))
         axes[1].legend()
+    for ax, key in zip(axes[1 + has_accuracy :], extra):
+        steps, values = zip(*series[key])
+        ax.plot(steps, values, "-" if key.startswith("train/") else "o-", markersize=3)
+        ax.set(xlabel="step", title=key)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     return True

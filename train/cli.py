@@ -1,4 +1,5 @@
-"""`vlm fit|validate --config samples/configs/NAME.yaml [--section.key value ...]`, through LightningCLI.
+"""`vlm fit|validate --config samples/configs/NAME.yaml [--section.key value ...]`, through LightningCLI; the same for
+the preference and reinforcement methods, `vlm fit-dpo|fit-reward|fit-grpo --config ...` (`METHODS`).
 
 One run is one folder, `--trainer.default_root_dir` (default: the working directory):
     config.yaml        the resolved configuration (rewritten when the run resumes)
@@ -26,13 +27,22 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from vlm.train.callbacks import AtomicCheckpointIO, StepProgressBar
-from vlm.train.data import VLMDataModule
+from vlm.train.data import PairDataModule, PromptDataModule, VLMDataModule
+from vlm.train.grpo import GRPOModule
 from vlm.train.module import VLMModule
+from vlm.train.preference import DPOModule, RewardModule
 
 from vlm.errors import OptionError, VLMError
 from vlm.files import read_text
 
 SUBCOMMANDS = ("fit", "validate")
+# Training methods beyond supervised training: command -> (training system, data module). Each trains like `vlm fit`.
+METHODS = {
+    "fit": (VLMModule, VLMDataModule),
+    "fit-dpo": (DPOModule, PairDataModule),
+    "fit-reward": (RewardModule, PairDataModule),
+    "fit-grpo": (GRPOModule, PromptDataModule),
+}
 # Without a configured ModelCheckpoint, a run still checkpoints this often, and always keeps last.ckpt.
 DEFAULT_CHECKPOINT_EVERY = 500
 # The largest seed Lightning's seed_everything takes (numpy's legacy seeding: 32 bits).
@@ -132,8 +142,9 @@ def quiet_lightning() -> None:
         warnings.filterwarnings("ignore", category=category, module=r"(?!vlm\b)")
 
 
-def make_cli(args: list[str], run: bool = True) -> VLMCLI:
-    """The LightningCLI for `args` (a subcommand first, unless `run` is False); runs it when `run`."""
+def make_cli(args: list[str], run: bool = True, method: str = "fit") -> VLMCLI:
+    """The LightningCLI of a training method (`METHODS`) for `args` (a subcommand first, unless `run` is False);
+    runs it when `run`."""
     # The `vlm` entry point passes its own argv on as `args`: that is intended.
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
     # A resumed run writes into its own folder again: that is intended.
@@ -144,29 +155,35 @@ def make_cli(args: list[str], run: bool = True) -> VLMCLI:
     quiet_lightning()
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
+    module, datamodule = METHODS[method]
+    prog = "vlm fit" if method == "fit" else f"vlm {method}"
     return VLMCLI(
-        VLMModule,
-        VLMDataModule,
+        module,
+        datamodule,
         args=args,
         run=run,
         seed_everything_default=0,
         auto_configure_optimizers=False,  # VLMModule builds its own per-part optimizer and schedule
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"fit": {"prog": "vlm fit"}, "validate": {"prog": "vlm validate"}} if run else {},
+        parser_kwargs={"fit": {"prog": prog}, "validate": {"prog": "vlm validate"}} if run else {},
     )
 
 
 def main(args: list[str]) -> None:
-    """Runs `vlm fit ...` or `vlm validate ...`: `args` starts with the subcommand, then `--config` and overrides."""
-    if args and args[0] not in SUBCOMMANDS and not args[0].startswith("-"):
-        raise VLMError(f"unknown training command {args[0]!r}; choose from {', '.join(SUBCOMMANDS)}")
+    """Runs `vlm fit ...`, `vlm validate ...` or a method's `vlm fit-METHOD ...`: `args` starts with the subcommand,
+    then `--config` and overrides."""
+    method = "fit"
+    if args and args[0] in METHODS:
+        method, args = args[0], ["fit", *args[1:]]
+    elif args and args[0] not in SUBCOMMANDS and not args[0].startswith("-"):
+        raise VLMError(f"unknown training command {args[0]!r}; choose from {', '.join([*SUBCOMMANDS, *METHODS])}")
     for i, arg in enumerate(args):  # a config file that is not UTF-8 is named (jsonargparse only says "codec ...")
         path = arg.removeprefix("--config=") if arg.startswith("--config=") else None
         path = args[i + 1] if arg == "--config" and i + 1 < len(args) else path
         if path is not None and Path(path).is_file():
             read_text(path)
     try:
-        make_cli(args)
+        make_cli(args, method=method)
     except MisconfigurationException as e:  # Lightning's word for a bad trainer setting: one line, no traceback
         raise VLMError(str(e).splitlines()[0]) from e
 

@@ -29,8 +29,19 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
-from vlm.collate import Collator, encode_sample
-from vlm.data import Example, RowError, example_from_record, load_row_images, open_hf_dataset, parse_row, read_jsonl
+from vlm.collate import Collator, PairCollator, encode_sample
+from vlm.data import (
+    Example,
+    PreferencePair,
+    RowError,
+    example_from_record,
+    load_row_images,
+    open_hf_dataset,
+    parse_pair,
+    parse_row,
+    read_jsonl,
+    read_pairs,
+)
 from vlm.errors import VLMError
 from vlm.files import open_regular
 from vlm.images import max_pixels
@@ -64,16 +75,16 @@ class RowSource:
 class JsonlRows(RowSource):
     """A JSONL file, checked once in the main process: rows that do not parse and rows whose image file is missing go
     to `errors`. The good rows are kept as line numbers and byte offsets (two numbers a row, so forked loader workers
-    share them instead of copying millions of Python objects) and parsed again with `vlm.data.parse_row` when read.
-    A file with no rows at all is an error."""
+    share them instead of copying millions of Python objects) and parsed again with `vlm.data.parse_row` when read
+    (`vlm.data.parse_pair` for a file of preference pairs, `pairs`). A file with no rows at all is an error."""
 
-    def __init__(self, path: str | Path, caption_prompt: str):
-        self.path, self.name, self.caption_prompt = Path(path), str(path), caption_prompt
+    def __init__(self, path: str | Path, caption_prompt: str, pairs: bool = False):
+        self.path, self.name, self.caption_prompt, self.pairs = Path(path), str(path), caption_prompt, pairs
         self.errors = []
         exists: dict[Path, bool] = {}
         lines: list[int] = []
         offsets: list[int] = []
-        for item in read_jsonl(path, caption_prompt):
+        for item in read_pairs(path) if pairs else read_jsonl(path, caption_prompt):
             if isinstance(item, RowError):
                 self.errors.append((f"{path}:{item.line}", f"{path}: {item}"))
                 continue
@@ -92,11 +103,15 @@ class JsonlRows(RowSource):
     def __len__(self) -> int:
         return len(self.lines)
 
-    def get(self, i: int) -> tuple[Example, list[Any]]:
+    def get(self, i: int) -> tuple[Example | PreferencePair, list[Any]]:
         with open_regular(self.path, "data file") as f:
             f.seek(int(self.offsets[i]))
             text = f.readline()
-        example = parse_row(json.loads(text), self.path.parent, self.caption_prompt, line=int(self.lines[i]))
+        row, line = json.loads(text), int(self.lines[i])
+        if self.pairs:
+            example = parse_pair(row, self.path.parent, line)
+        else:
+            example = parse_row(row, self.path.parent, self.caption_prompt, line=line)
         return example, list(example.images)
 
     def key(self, i: int) -> str:
@@ -199,6 +214,23 @@ def _encode(
     )
 
 
+def _encode_pair(
+    processor: Processor, pair: PreferencePair, images: list[Any], max_length: int | None
+) -> dict[str, Any]:
+    """A preference pair and its images -> the encoded chosen and rejected conversations, which share the images."""
+    pixels = load_row_images(images)
+    chosen = encode_sample(processor, pair.messages(pair.chosen), pixels, "vqa", [], max_length)
+    rejected = encode_sample(processor, pair.messages(pair.rejected), pixels, "vqa", [], max_length)
+    return {
+        "chosen_ids": chosen["input_ids"],
+        "chosen_labels": chosen["labels"],
+        "rejected_ids": rejected["input_ids"],
+        "rejected_labels": rejected["labels"],
+        "pixel_values": chosen["pixel_values"],
+        "bad": [],
+    }
+
+
 def _bad_row(where: str, error: VLMError) -> tuple[str, str]:
     """(where, message) of a broken row, the message always starting with where it came from."""
     message = str(error)
@@ -210,7 +242,11 @@ class VLMDataset(Dataset):
 
     Rows whose index is in `generate` also carry a generation prompt (question rows only; see `encode_sample`), and
     come first: item k is the k-th of them, then the other rows follow in file order, so a validation cut short by
-    `trainer.limit_val_batches` still answers every chosen row.
+    `trainer.limit_val_batches` still answers every chosen row. Those that get a prompt also carry what a reward
+    reads (`rollout`: the row's key, question, fields and images).
+
+    `pairs`: the rows are preference pairs (`_encode_pair`), not rows of the data format. `prompts_only`: every row
+    must give a prompt (a question row); any other row is broken.
     """
 
     def __init__(
@@ -220,9 +256,11 @@ class VLMDataset(Dataset):
         max_length: int | None = None,
         generate: set[int] | None = None,
         independent_turns: bool = False,
+        pairs: bool = False,
+        prompts_only: bool = False,
     ):
-        self.rows, self.processor, self.max_length = rows, processor, max_length
-        self.independent_turns = independent_turns
+        self.rows, self.processor, self.max_length, self.pairs = rows, processor, max_length, pairs
+        self.independent_turns, self.prompts_only = independent_turns, prompts_only
         chosen = sorted(generate or ())
         self.num_generate = len(chosen)
         self.order = chosen + sorted(set(range(len(rows))) - set(chosen)) if chosen else None
@@ -237,8 +275,18 @@ class VLMDataset(Dataset):
             i = (first + k) % len(self.rows)
             try:
                 example, images = self.rows.get(i)
-                with_prompt = index < self.num_generate
-                sample = _encode(self.processor, example, images, self.max_length, with_prompt, self.independent_turns)
+                if self.pairs:
+                    sample = _encode_pair(self.processor, example, images, self.max_length)
+                else:
+                    with_prompt = index < self.num_generate
+                    sample = _encode(
+                        self.processor, example, images, self.max_length, with_prompt, self.independent_turns
+                    )
+                if self.prompts_only and "prompt_ids" not in sample:
+                    raise VLMError("not a question row: GRPO samples answers to questions")
+                if "prompt_ids" in sample:
+                    sample["rollout"] = {"key": self.rows.key(i), "prompt": example.prompt, "row": example.row}
+                    sample["rollout"]["images"] = images
             except VLMError as e:
                 bad.append(_bad_row(self.rows.key(i), e))
                 continue
@@ -285,6 +333,20 @@ class StreamingVLMDataset(IterableDataset):
             sample["bad"], bad = bad, []
             sample["stream_position"] = (worker, position)
             yield sample
+
+
+def checked_rows(sources: list[RowSource], what: str, max_bad_fraction: float) -> RowSource:
+    """The sources as one, once their broken rows are reported; refused when no row is usable or more than
+    `max_bad_fraction` of them are broken."""
+    rows = sources[0] if len(sources) == 1 else ConcatRows(sources)
+    total = len(rows) + len(rows.errors)
+    if len(rows) == 0:
+        first = f"; e.g. {rows.errors[0][1]}" if rows.errors else ""
+        raise VLMError(f"no usable {what} rows in {rows.name}{first}")
+    check_bad_fraction(len(rows.errors), total, max_bad_fraction, f"{what} data {rows.name}", rows.errors)
+    if rows.errors:
+        rank_zero_info(bad_rows_report(f"{what} data", rows.errors, total))
+    return rows
 
 
 # ---- resumable loading ---------------------------------------------------------------------------------------------
@@ -392,6 +454,11 @@ class VLMDataModule(LightningDataModule):
         hf_kwargs: More keyword arguments for `datasets.load_dataset` (e.g. `name` for a dataset configuration).
     """
 
+    # What the rows are (`PairDataModule`: preference pairs) and whether every training row is a prompt to sample
+    # answers to (`PromptDataModule`, for GRPO).
+    pairs = False
+    prompts = False
+
     def __init__(
         self,
         train: str | list[str] | None = None,
@@ -442,7 +509,9 @@ class VLMDataModule(LightningDataModule):
 
     def _rows(self, spec: str, split: str) -> RowSource:
         if spec.endswith(".jsonl"):
-            return JsonlRows(spec, self.processor.caption_prompt)
+            return JsonlRows(spec, self.processor.caption_prompt, self.pairs)
+        if self.pairs:
+            raise VLMError(f"preference pairs are read from JSONL files, not {spec}")
         ds, base = open_hf_dataset(spec, split, **self.hf_kwargs)
         check_columns(spec, ds.column_names, self.columns)
         return DatasetRows(ds, spec, self.columns, base, self.processor.caption_prompt)
@@ -450,20 +519,15 @@ class VLMDataModule(LightningDataModule):
     def _map_dataset(
         self, specs: list[str], split: str, what: str, generate: int, independent_turns: bool = False
     ) -> VLMDataset:
-        sources = [self._rows(s, split) for s in specs]
-        rows = sources[0] if len(sources) == 1 else ConcatRows(sources)
-        total = len(rows) + len(rows.errors)
-        if len(rows) == 0:
-            first = f"; e.g. {rows.errors[0][1]}" if rows.errors else ""
-            raise VLMError(f"no usable {what} rows in {rows.name}{first}")
-        check_bad_fraction(len(rows.errors), total, self.max_bad_fraction, f"{what} data {rows.name}", rows.errors)
-        if rows.errors:
-            rank_zero_info(bad_rows_report(f"{what} data", rows.errors, total))
+        rows = checked_rows([self._rows(s, split) for s in specs], what, self.max_bad_fraction)
         chosen = set()
-        if generate > 0:
+        prompts_only = self.prompts and what == "training"
+        if prompts_only:
+            chosen = set(range(len(rows)))
+        elif generate > 0 and not self.pairs:
             step = len(rows) / min(generate, len(rows))
             chosen = {int(k * step) for k in range(min(generate, len(rows)))}
-        return VLMDataset(rows, self.processor, self._max_length(), chosen, independent_turns)
+        return VLMDataset(rows, self.processor, self._max_length(), chosen, independent_turns, self.pairs, prompts_only)
 
     def _stream(self, specs: list[str], split: str, shuffle: bool) -> StreamingVLMDataset:
         import datasets
@@ -491,6 +555,8 @@ class VLMDataModule(LightningDataModule):
             self.processor = self.trainer.lightning_module.processor
         if stage == "fit" and self.pack_tokens is not None and self.trainer is not None:
             check_packing(self.trainer.lightning_module.vlm.decoder)  # refuse before the first step, not at it
+        if (self.pairs or self.prompts) and (self.streaming or self.pack_tokens is not None):
+            raise VLMError("preference and GRPO data are neither streamed nor packed: unset data.streaming/pack_tokens")
         if stage == "fit" and self.train_set is None:
             if not self.train:
                 raise VLMError("no training data: set --data.train (a JSONL file or a dataset)")
@@ -566,7 +632,7 @@ class VLMDataModule(LightningDataModule):
         return {
             "num_workers": self.num_workers,
             "pin_memory": pin,
-            "collate_fn": Collator(self.processor, pack_tokens),
+            "collate_fn": PairCollator(self.processor) if self.pairs else Collator(self.processor, pack_tokens),
             # Loader seeds come from their own generator, so data loading never moves the global RNG.
             "generator": torch.Generator().manual_seed(self.seed),
         }
@@ -599,6 +665,56 @@ class VLMDataModule(LightningDataModule):
             persistent_workers=self.num_workers > 0,
             **self._loader_kwargs(),
         )
+
+
+class PairDataModule(VLMDataModule):
+    """Preference pairs for `vlm fit-dpo` and `vlm fit-reward`: JSONL rows `{"image", "prompt", "chosen",
+    "rejected"}` (`vlm.data.parse_pair`), each batch the chosen and the rejected conversations of its pairs.
+
+    Args:
+        train: Training JSONL file(s) of pairs.
+        val: Validation JSONL file(s) of pairs (held out: preference accuracy); none skips validation.
+        batch_size: Pairs per device per step.
+        val_batch_size: Validation batch size (default: `batch_size`).
+        num_workers: Loader worker processes per device (0 loads in the main process).
+        max_length: Conversations longer than this many tokens (image tokens included) count as broken.
+        max_bad_fraction: Stop with an error when more than this fraction of an epoch's rows are broken.
+        seed: Shuffle seed (the order also changes with the epoch).
+    """
+
+    pairs = True
+
+    def __init__(
+        self,
+        train: str | list[str] | None = None,
+        val: str | list[str] | None = None,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        num_workers: int = 1,
+        max_length: int | None = None,
+        max_bad_fraction: float = 0.05,
+        seed: int = 0,
+    ):
+        super().__init__(
+            train,
+            val,
+            batch_size,
+            val_batch_size=val_batch_size,
+            num_workers=num_workers,
+            max_length=max_length,
+            max_bad_fraction=max_bad_fraction,
+            seed=seed,
+            generate_samples=0,
+        )
+
+
+class PromptDataModule(VLMDataModule):
+    """Question rows for `vlm fit-grpo`: every training row is a prompt whose answers the policy samples and the
+    rewards score (its `answer`, any list of references, and its other fields are what rewards compare with); other
+    rows are broken. Validation is as `vlm fit`'s (loss, and answers to `generate_samples` rows), plus their reward.
+    Every option is `VLMDataModule`'s; the data is neither streamed nor packed."""
+
+    prompts = True
 
 
 # ---- broken-row accounting -----------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import random
 import time
 from dataclasses import asdict
 from operator import itemgetter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -130,6 +131,10 @@ class VLMModule(LightningModule):
     # Read by Lightning's ThroughputMonitor (see `configure_callbacks`): FLOPs are not counted, so the training logs
     # have no MFU (`vlm bench` measures it).
     flops_per_batch = None
+    # The command that trains with this module (in the training record), and the logged metrics beyond the losses and
+    # validation accuracy that `curves.png` plots.
+    command = "vlm fit"
+    curve_metrics: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -241,7 +246,7 @@ class VLMModule(LightningModule):
 
         record: dict[str, Any] = {
             "format_version": 1,
-            "written_by": "vlm fit",
+            "written_by": self.command,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "model": {**self._origin, "lora": asdict(self.lora) if self.lora is not None else None},
             "learning_rates": dict(self.lrs),
@@ -324,7 +329,8 @@ class VLMModule(LightningModule):
 
     # ---- optimization ----
 
-    def configure_optimizers(self):
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW parameter groups: each trained part's parameters with and without weight decay, at its rate."""
         groups = []
         for part in PARTS:
             lr = self.lrs[part]
@@ -335,7 +341,10 @@ class VLMModule(LightningModule):
                 {"params": decay, "lr": lr, "weight_decay": self.weight_decay, "name": part},
                 {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{part}_no_decay"},
             ]
-        groups = [g for g in groups if g["params"]]
+        return groups
+
+    def configure_optimizers(self):
+        groups = [g for g in self.param_groups() if g["params"]]
         if not groups:
             raise VLMError("nothing to train: every learning rate (model.lr_encoder/lr_projector/lr_decoder) is 0")
         optimizer = torch.optim.AdamW(groups, betas=self.betas)
@@ -380,9 +389,14 @@ class VLMModule(LightningModule):
                 self.processor.stop_token_ids,
                 self.processor.tokenizer.pad_token_id,
             )
-            for ids, refs in zip(new, gen["references"]):
-                self._correct += int(exact_match(self.processor.decode(ids), refs))
+            answers = [self.processor.decode(ids) for ids in new]
+            for answer, refs in zip(answers, gen["references"]):
+                self._correct += int(exact_match(answer, refs))
                 self._answered += 1
+            self.score_answers(answers, gen)
+
+    def score_answers(self, answers: list[str], gen: dict[str, Any]) -> None:
+        """A hook for methods that judge validation answers further (GRPO: their reward)."""
 
     def on_validation_epoch_end(self) -> None:
         counts = torch.tensor([self._correct, self._answered], dtype=torch.float64, device=self.device)
@@ -391,6 +405,12 @@ class VLMModule(LightningModule):
             self.log("val/accuracy", counts[0] / counts[1], prog_bar=True)
         if not self.trainer.sanity_checking:
             self._val_step = self.trainer.global_step
+
+    def export_model(self, state: dict[str, torch.Tensor], out: Path) -> Path:
+        """Writes the trained model of `state` (this module's state dict) as a vlm checkpoint folder."""
+        from vlm.training_ckpt import export_state
+
+        return export_state(self.export_meta(), state, out)
 
     # ---- always-on callbacks ----
 

@@ -39,6 +39,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("vlm.eval.evaluate:evaluate", "score a model (or a predictions file) on a VQA or caption benchmark"),
     "fit": ("vlm.train.cli:main", "train a model (LightningCLI; --config samples/configs/NAME.yaml)"),
     "validate": ("vlm.train.cli:main", "validate a model (LightningCLI)"),
+    "fit-dpo": ("vlm.train.cli:main", "tune a model on preference pairs: DPO, IPO or SimPO (samples/configs/dpo.yaml)"),
+    "fit-reward": ("vlm.train.cli:main", "train a reward model on preference pairs (samples/configs/reward.yaml)"),
+    "fit-grpo": ("vlm.train.cli:main", "tune a model with GRPO and rule-based rewards (samples/configs/grpo.yaml)"),
+    "reward": ("vlm.reward:reward", "score preference pairs or answers with a reward model"),
     "import-ckpt": ("vlm.training_ckpt:import_ckpt", "make a vlm checkpoint folder from a training checkpoint (.ckpt)"),
     "export-hf": ("vlm.llava.export:export_hf", "write a transformers LLaVA folder from a vlm checkpoint"),
     "import-hf": ("vlm.llava.load:import_hf", "make a vlm checkpoint from a transformers LLaVA folder (or hub id)"),
@@ -50,6 +54,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data objects": (
         "vlm.eval.benchmarks.objects:generate_objects",
         "generate a synthetic colour/shape/count/position VQA set",
+    ),
+    "data preference": (
+        "vlm.eval.mistakes:generate_preference",
+        "preference pairs from a model's wrong answers to a labelled question set (for fit-dpo, fit-reward)",
     ),
     "diagnose": ("vlm.train.diagnose:diagnose", "measure whether a model reads the image (norms, probes, attention)"),
     "shapes-report": ("vlm.eval.benchmarks.shapes_report:shapes_report", "read shapes answers back against the scenes"),
@@ -73,12 +81,14 @@ REQUIRED_OPTIONS: dict[str, tuple[str, ...]] = {
     "data shapes": ("out",),
     "data fashion-mnist": ("out",),
     "data objects": ("out",),
+    "data preference": ("data", "out"),
     "diagnose": ("data",),
     "explain-bench": ("data",),
+    "reward": ("data", "model"),
     "baselines": ("train", "test"),
     "probe": ("train", "test"),
 }
-LIGHTNING_COMMANDS = {"fit", "validate"}
+LIGHTNING_COMMANDS = {"fit", "validate", "fit-dpo", "fit-reward", "fit-grpo"}
 # Every --seed reaches torch.manual_seed (or numpy's SeedSequence): one range for all, the 64 bits torch takes.
 SEED_LIMIT = 2**64
 

@@ -162,7 +162,8 @@ class Collator:
     the `(row, start, end)` of each sample, in the given order. Rows are as long as the longest one.
 
     Question rows chosen for generation add `generate`: a left-padded prompt batch with its `pixel_values` and
-    `references`. Streaming batches add `stream_position` (worker id, rows that worker has read), for resuming.
+    `references` (and `rollouts`, what rewards read of each row, when the rows carry it). Streaming batches add
+    `stream_position` (worker id, rows that worker has read), for resuming.
     """
 
     def __init__(self, processor: Processor, pack_tokens: int | None = None):
@@ -180,6 +181,8 @@ class Collator:
             gen = self.processor.pad([s["prompt_ids"] for s in prompted], "left")
             gen["pixel_values"] = _cat([s["pixel_values"] for s in prompted])
             gen["references"] = [s["references"] for s in prompted]
+            if "rollout" in prompted[0]:
+                gen["rollouts"] = [s["rollout"] for s in prompted]
             batch["generate"] = gen
         if "stream_position" in samples[-1]:
             batch["stream_position"] = samples[-1]["stream_position"]
@@ -213,3 +216,23 @@ class Collator:
         # Images in the order the rows hold their image tokens (row by row, sample by sample): `embed` fills them so.
         pixels = _cat([samples[i]["pixel_values"] for row in rows for i in row])
         return {"input_ids": ids, "position_ids": positions, "labels": labels, "pixel_values": pixels, "spans": spans}
+
+
+class PairCollator:
+    """Preference pairs -> one right-padded batch of 2B rows, the B chosen conversations then the B rejected ones,
+    with `pixel_values` for both halves (each pair's images twice), `num_samples` (B pairs), `num_tokens` and `bad`
+    as `Collator` gives them."""
+
+    def __init__(self, processor: Processor):
+        self.processor = processor
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        ids = [s["chosen_ids"] for s in samples] + [s["rejected_ids"] for s in samples]
+        labels = [s["chosen_labels"] for s in samples] + [s["rejected_labels"] for s in samples]
+        batch = self.processor.pad(ids, "right", labels)
+        pixels = _cat([s["pixel_values"] for s in samples])
+        batch["pixel_values"] = torch.cat([pixels, pixels]) if pixels is not None else None
+        batch["num_tokens"] = sum(len(i) for i in ids)
+        batch["num_samples"] = len(samples)
+        batch["bad"] = [b for s in samples for b in s["bad"]]
+        return batch

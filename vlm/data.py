@@ -248,6 +248,64 @@ def read_jsonl(
         raise VLMError(f"no rows in {path}")
 
 
+@dataclass
+class PreferencePair:
+    """One preference row, `{"image": ..., "prompt": ..., "chosen": ..., "rejected": ...}`: two answers to one prompt
+    about the same images, the first preferred. Any other field is kept in `row`."""
+
+    images: list[Path]
+    prompt: str
+    chosen: str
+    rejected: str
+    row: dict[str, Any] = field(default_factory=dict)
+    line: int | None = None
+    offset: int | None = None
+
+    def messages(self, answer: str) -> list[dict[str, str]]:
+        """The conversation of the prompt and one of its answers."""
+        return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": answer}]
+
+
+def parse_pair(row: Any, base: Path, line: int | None = None) -> PreferencePair:
+    """One JSON row to a `PreferencePair`; raises `RowError` saying what is wrong with it (a missing or empty field,
+    or chosen and rejected answers that are the same text, which teach nothing)."""
+    if not isinstance(row, dict):
+        raise RowError("a row must be a JSON object", line)
+    try:
+        images = _image_paths(row, base)
+    except RowError as e:
+        raise RowError(str(e), line) from None
+    for name in ("prompt", "chosen", "rejected"):
+        value = row.get(name)
+        if not isinstance(value, str) or not value.strip():
+            raise RowError(f"'{name}' must be a non-empty string", line)
+    if row["chosen"].strip() == row["rejected"].strip():
+        raise RowError("'chosen' and 'rejected' are the same answer", line)
+    return PreferencePair(images, row["prompt"], row["chosen"], row["rejected"], row, line)
+
+
+def read_pairs(path: str | Path) -> Iterator[PreferencePair | RowError]:
+    """Yields one `PreferencePair` per line of a preference JSONL file, or the `RowError` of a broken line (as
+    `read_jsonl` does); raises `VLMError` when the file is missing, not a regular file, or has no rows at all."""
+    path = Path(path)
+    rows = 0
+    for line in json_lines(path):
+        rows += 1
+        if line.error is not None:
+            yield RowError(line.error, line.number)
+            continue
+        try:
+            pair = parse_pair(line.value, path.parent, line.number)
+        except RowError as e:
+            e.row = line.value
+            yield e
+            continue
+        pair.offset = line.offset
+        yield pair
+    if not rows:
+        raise VLMError(f"no rows in {path}")
+
+
 def single_image_rows(
     path: str | Path,
     kind: str | None = None,

@@ -46,6 +46,7 @@ class VLMOutput:
 
     loss: Tensor | None
     logits: Tensor
+    hidden_states: Tensor | None = None  # the decoder's last hidden states (B, T, D), when asked for
 
 
 def build_encoder(config: VLMConfig, pretrained: bool) -> ImageEncoder:
@@ -192,8 +193,10 @@ class VisionLanguageModel(nn.Module):
         pixel_values: Tensor | None = None,
         labels: Tensor | None = None,
         position_ids: Tensor | None = None,
+        output_hidden_states: bool = False,
     ) -> VLMOutput:
-        """Logits, and with `labels` the mean cross-entropy over the labelled tokens.
+        """Logits, and with `labels` the mean cross-entropy over the labelled tokens; with `output_hidden_states`, the
+        decoder's last hidden states too (what a reward head reads).
 
         Without `labels`: logits (B, T, vocab). With `labels`: logits only where a token is predicted for a label,
         (number of labelled tokens, vocab) in row-major order, and the loss from those. A batch's whole fp32 logits
@@ -223,19 +226,21 @@ class VisionLanguageModel(nn.Module):
         selects = keep is not None and decode.causal_lm(self.decoder).config.model_type in decode.FAMILIES
         # No cache: the mask builder only looks for packed samples without one, and nothing here reuses it.
         with self._positioned(input_ids):
-            logits = self.decoder(
+            out = self.decoder(
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 use_cache=False,
+                output_hidden_states=output_hidden_states,
                 **({"logits_to_keep": keep} if selects else {}),
-            ).logits
+            )
+        logits, hidden = out.logits, out.hidden_states[-1] if output_hidden_states else None
         if keep is None:
-            return VLMOutput(loss=None, logits=logits)
+            return VLMOutput(None, logits, hidden)
         if not selects:
             logits = logits[keep]
         loss = F.cross_entropy(logits.float(), targets[keep[:, :-1]])
-        return VLMOutput(loss=loss, logits=logits)
+        return VLMOutput(loss, logits, hidden)
 
     def generate(
         self,

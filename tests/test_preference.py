@@ -1,0 +1,227 @@
+"""Preference and RL tuning end to end on the tiny preset: `vlm fit-dpo` raises the chosen-vs-rejected margin and
+resumes exactly, `vlm fit-reward` ranks held-out pairs, `vlm fit-grpo` raises its reward, and broken pairs are
+counted like broken rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+from vlm.train.cli import main, make_cli
+from vlm.train.grpo import answer_mask
+from vlm.train.rewards import Rewards, RewardSpec, Rollout
+
+from vlm.checkpoint import load
+from vlm.data import RowError, read_pairs
+from vlm.errors import VLMError
+from vlm.reward import load_reward_model, reward
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = ROOT / "samples" / "data" / "shapes-mini"
+torch.set_num_threads(1)
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
+
+
+def tiny_args(root: Path, train: Path, val: Path, steps: int) -> list[str]:
+    return [
+        "--model.init_from=null",
+        "--model.config=tiny",
+        "--model.pretrained=false",
+        "--model.warmup=0",
+        f"--data.train={train}",
+        f"--data.val={val}",
+        "--data.num_workers=0",
+        "--data.batch_size=8",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.accelerator=cpu",
+        f"--trainer.max_steps={steps}",
+        "--trainer.log_every_n_steps=1",
+        *QUIET,
+    ]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> dict[str, Path]:
+    """Shape questions of the shipped sample as pairs: 'wrong' (the other shape rejected: 32 train, 16 held out) and
+    'separable' (a refusal rejected, which a reward model tells apart from the text alone)."""
+    out = tmp_path_factory.mktemp("pairs")
+    rows = [json.loads(line) for line in (SHAPES / "train.jsonl").read_text().splitlines()]
+    shape = [r for r in rows if r["subtype"] == "shape"][:48]
+    made = {}
+    for name, rejected in (
+        ("wrong", lambda r: {"circle": "square", "square": "circle"}[r["answer"]]),
+        ("separable", lambda r: "I cannot tell"),
+    ):
+        lines = [
+            json.dumps(
+                {
+                    "image": str(SHAPES / r["image"]),
+                    "prompt": r["question"],
+                    "chosen": r["answer"],
+                    "rejected": rejected(r),
+                }
+            )
+            for r in shape
+        ]
+        for split, part in (("train", lines[:32]), ("val", lines[32:])):
+            made[f"{name}_{split}"] = out / f"{name}_{split}.jsonl"
+            made[f"{name}_{split}"].write_text("\n".join(part) + "\n")
+    return made
+
+
+def test_broken_pairs_are_rows_with_a_reason(tmp_path):
+    bad = [
+        {"prompt": "q", "chosen": "circle", "rejected": " circle "},
+        {"prompt": "q", "chosen": "", "rejected": "square"},
+        {"prompt": "q", "chosen": "circle"},
+        {"prompt": "q", "chosen": "circle", "rejected": "square"},
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in bad) + "{oops\n")
+    read = list(read_pairs(path))
+    assert [str(r) for r in read if isinstance(r, RowError)] == [
+        "line 1: 'chosen' and 'rejected' are the same answer",
+        "line 2: 'chosen' must be a non-empty string",
+        "line 3: 'rejected' must be a non-empty string",
+        "line 5: bad JSON (Expecting property name enclosed in double quotes)",
+    ]
+    assert read[3].messages(read[3].chosen)[-1] == {"role": "assistant", "content": "circle"}
+
+
+class StopAt(Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def margins(cli) -> float:
+    """The mean DPO reward margin of the training pairs under the module as it is now."""
+    return cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]["val/reward_margin"]
+
+
+def test_dpo_raises_the_margin_and_resumes_exactly(tmp_path, pairs):
+    args = [
+        "--config", str(ROOT / "samples" / "configs" / "dpo.yaml"),
+        *tiny_args(tmp_path / "a", pairs["wrong_train"], pairs["wrong_train"], 6),
+        "--model.lr_projector=5e-3", "--model.lr_decoder=5e-3", "--model.beta=0.5", "--model.nll_weight=0",
+        "--trainer.val_check_interval=100", "--trainer.callbacks.init_args.every_n_train_steps=2",
+    ]  # fmt: skip
+    cli = make_cli(args, run=False, method="fit-dpo")
+    before = margins(cli)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    after = margins(cli)
+    print(f"DPO, 6 steps on 32 tiny pairs: mean reward margin {before:.4f} -> {after:.4f}")
+    assert before == 0 and after > 0.1  # the policy starts as the reference
+    reference = cli.model.reference.state_dict()
+    # Crashed at step 3 (last checkpoint: step 2, mid-epoch), then resumed: the same policy as the run above,
+    # the same reference, and the trained model folder.
+    crashed = make_cli([*args, f"--trainer.default_root_dir={tmp_path / 'b'}"], run=False, method="fit-dpo")
+    crashed.trainer.callbacks.append(StopAt(3))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.trainer.fit(crashed.model, datamodule=crashed.datamodule)
+    main(["fit-dpo", *args, f"--trainer.default_root_dir={tmp_path / 'b'}", "--ckpt_path=last"])
+    a, b = load(tmp_path / "a" / "model")[0].state_dict(), load(tmp_path / "b" / "model")[0].state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+    resumed = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(resumed[f"reference.{k}"], v) for k, v in reference.items())
+    record = json.loads((tmp_path / "b" / "model" / "training.json").read_text())
+    assert record["written_by"] == "vlm fit-dpo" and record["model"]["method"]["loss"] == "sigmoid"
+
+
+def test_reward_model_ranks_held_out_pairs(tmp_path, pairs):
+    args = [
+        "--config", str(ROOT / "samples" / "configs" / "reward.yaml"),
+        *tiny_args(tmp_path, pairs["separable_train"], pairs["separable_val"], 8),
+        "--model.lr_head=1e-2", "--model.lr_decoder=1e-3", "--trainer.val_check_interval=8",
+    ]  # fmt: skip
+    main(["fit-reward", *args])
+    summary = reward(str(pairs["separable_val"]), str(tmp_path / "model"), output=str(tmp_path / "scored.jsonl"))
+    print(f"reward model, 8 steps: held-out accuracy {summary['accuracy']:.3f}, margin {summary['mean_margin']:.3f}")
+    assert summary["pairs"] == 16 and summary["accuracy"] > 0.9 and summary["broken_rows"] == 0
+    scored = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
+    assert all(r["chosen_score"] > r["rejected_score"] for r in scored)
+    # The reward model as one more GRPO reward: the same scores.
+    rewards = Rewards([RewardSpec("reward_model", args={"path": str(tmp_path / "model")})])
+    row = scored[0]
+    rollouts = [Rollout(row["prompt"], row[k], [], {}, [Path(row["image"])]) for k in ("chosen", "rejected")]
+    assert rewards(rollouts)[0]["total"] == pytest.approx([row["chosen_score"], row["rejected_score"]], abs=1e-4)
+    # Question rows with an answer get a score each; a folder without a head is refused in one line.
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"image": str(SHAPES / "images/train_00000.png"),
+                                                   "question": "What?", "answer": "circle"}) + "\n")  # fmt: skip
+    assert reward(str(tmp_path / "qa.jsonl"), str(tmp_path / "model"))["rows"] == 1
+    (tmp_path / "model" / "reward_head.safetensors").unlink()
+    with pytest.raises(VLMError, match="^not a reward model"):
+        load_reward_model(tmp_path / "model")
+
+
+def test_answer_mask_ends_at_the_first_stop_token():
+    new = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8]])
+    assert answer_mask(new, [2]).tolist() == [[True, True, False, False], [True, True, True, True]]
+
+
+def test_grpo_raises_the_reward_of_an_easy_rule(tmp_path):
+    """The reward is 1 for answers whose first letter is in a-m: about half of a random model's answers, and GRPO's
+    few steps make it more."""
+    rows = [json.loads(line) for line in (SHAPES / "val.jsonl").read_text().splitlines()[:16]]
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({**r, "image": str(SHAPES / r["image"])}) + "\n" for r in rows))
+    args = [
+        "--config", str(ROOT / "samples" / "configs" / "grpo.yaml"),
+        *tiny_args(tmp_path, data, data, 8),
+        "--model.rewards=[{name: format, args: {pattern: '(?s)[a-m].*'}}]",
+        "--model.lr_projector=2e-2", "--model.lr_decoder=2e-2", "--model.kl_beta=0.0", "--model.group_size=8",
+        "--model.num_iterations=1", "--data.batch_size=4", "--data.generate_samples=0",
+        "--trainer.val_check_interval=100", "--trainer.callbacks.init_args.every_n_train_steps=100",
+    ]  # fmt: skip
+    cli = make_cli(args, run=False, method="fit-grpo")
+    cli.datamodule.processor = cli.model.processor
+    cli.datamodule.setup("fit")
+    gen = next(iter(cli.datamodule.train_dataloader()))["generate"]
+    before = sampled_reward(cli.model, gen)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    after = sampled_reward(cli.model, gen)
+    print(f"GRPO, 8 steps: mean reward of 64 sampled answers {before:.3f} -> {after:.3f}")
+    assert after > before + 0.2
+
+
+def sampled_reward(module, gen, answers_per_prompt: int = 16) -> float:
+    """The mean reward of `answers_per_prompt` answers sampled (with a fixed seed) to each prompt of `gen`."""
+    torch.manual_seed(0)
+    size, module.group_size = module.group_size, answers_per_prompt
+    answers = module._sample(gen)[1]
+    module.group_size = size
+    scores = module.rewards(module._rollouts(gen, answers, answers_per_prompt))[0]["total"]
+    return sum(scores) / len(scores)
+
+
+def test_grpo_refuses_an_unknown_reward(tmp_path):
+    args = ["--config", str(ROOT / "samples" / "configs" / "grpo.yaml"), "--model.init_from=null",
+            "--model.config=tiny", "--model.pretrained=false", "--model.rewards=[{name: exactly}]"]  # fmt: skip
+    with pytest.raises(VLMError, match="^unknown reward 'exactly'"):
+        make_cli(args, run=False, method="fit-grpo")
+
+
+def test_pairs_from_a_models_mistakes(tmp_path, tiny_checkpoint):
+    from vlm.eval.mistakes import generate_preference
+
+    rows = [json.loads(line) for line in (SHAPES / "val.jsonl").read_text().splitlines()[:6]]
+    rows.append({"image": rows[0]["image"], "caption": "not a question"})
+    (tmp_path / "data").mkdir()
+    data = tmp_path / "data" / "q.jsonl"
+    data.write_text("".join(json.dumps({**r, "image": str(SHAPES / r["image"])}) + "\n" for r in rows))
+    out = tmp_path / "pairs" / "train.jsonl"
+    summary = generate_preference(str(data), str(out), str(tiny_checkpoint), samples=2, device="cpu")
+    pairs = list(read_pairs(out))
+    assert summary["skipped_rows"] == 1 and summary["questions"] == 6 and summary["pairs"] == len(pairs) > 0
+    by_question = {r["question"]: r for r in rows[:6]}
+    for pair in pairs:  # chosen: the reference; rejected: a wrong answer of the model; the row's fields and image kept
+        row = by_question[pair.prompt]
+        assert pair.chosen == row["answer"] and pair.rejected != row["answer"] and pair.row["type"] == row["type"]
+        assert [p.resolve() for p in pair.images] == [SHAPES / row["image"]]
+        assert not Path(pair.row["image"]).is_absolute()
