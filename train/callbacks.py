@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from vlm.train.data import bad_rows_report, check_bad_fraction
 
 from vlm.files import atomic_file, remove_interrupted_writes
-from vlm.training_ckpt import export_state, read_training_checkpoint
+from vlm.training_ckpt import read_training_checkpoint
 
 
 class DataHealth(Callback):
