@@ -21,6 +21,7 @@ from vlm.train.module import VLMModule
 from vlm.train.rewards import Rewards, RewardSpec, Rollout
 
 from vlm.errors import VLMError
+from vlm.generation import GenerationOptions
 from vlm.model import VisionLanguageModel
 from vlm.processor import IGNORE_INDEX
 
@@ -116,16 +117,13 @@ class GRPOModule(VLMModule):
                 ids,
                 mask,
                 pixels,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=True,
-                temperature=self.temperature,
-                top_k=self.top_k or None,
-                top_p=None,
-                eos_token_id=self.processor.stop_token_ids,
-                pad_token_id=self.processor.tokenizer.pad_token_id,
+                GenerationOptions(
+                    max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k or 0
+                ),
+                self.processor.stop_token_ids,
+                self.processor.tokenizer.pad_token_id,
                 # An image token in an answer would ask for an image when the answer is read back.
-                suppress_tokens=[self.vlm.image_token_id],
-                use_cache=True,
+                suppress_token_ids=[self.vlm.image_token_id],
             )
         keep = answer_mask(new, self.processor.stop_token_ids)
         answers = [self.processor.decode(row[k]) for row, k in zip(new, keep)]

@@ -219,13 +219,14 @@ def generate(
     pad_token_id: int,
     streamer=None,
     on_tokens: Callable[[list[int]], list[bool] | None] | None = None,
+    suppress_token_ids: Sequence[int] = (),
 ) -> Tensor:
     """New token ids (B, T_new) for left-padded prompts; rows that stopped early are padded with `pad_token_id`.
 
     `model` is a `VisionLanguageModel`. Beam search, and decoders the own loop does not run (`unsupported`, with a
     one-line note), go to transformers' `generate`. `streamer` gets each step's tokens (`put`) and `end()`.
     `on_tokens` (not with beam search) gets each step's new token of every row (the pad id for a row already done)
-    and may return one flag per row, True to finish that row now.
+    and may return one flag per row, True to finish that row now. `suppress_token_ids` are never generated.
     """
     decoder = model.decoder
     embeds = model.embed(input_ids, pixel_values)
@@ -234,6 +235,8 @@ def generate(
         if reason is not None:
             _note(f"{reason}: decoding with transformers' generate")
         kwargs = options.hf_kwargs(list(stop_token_ids), pad_token_id)
+        if suppress_token_ids:
+            kwargs["suppress_tokens"] = list(suppress_token_ids)
         if on_tokens is not None and options.num_beams == 1:
             kwargs["stopping_criteria"] = StoppingCriteriaList([_StepHook(on_tokens)])
         with model._positioned(input_ids):  # the offsets apply to the prompt's forward pass only
@@ -260,7 +263,10 @@ def generate(
     stops = torch.tensor(list(stop_token_ids), device=input_ids.device, dtype=torch.long)
     running = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
     new = input_ids.new_empty(batch, 0)
+    suppress = torch.tensor(list(suppress_token_ids), device=input_ids.device, dtype=torch.long)
     for i in range(n):
+        if len(suppress):
+            logits = logits.index_fill(1, suppress, -float("inf"))
         token = pick(logits, options, new).where(running, pad_token_id)
         new = torch.cat([new, token[:, None]], dim=1)
         if streamer is not None:

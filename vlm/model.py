@@ -252,6 +252,7 @@ class VisionLanguageModel(nn.Module):
         pad_token_id: int = 0,
         streamer=None,
         on_tokens=None,
+        suppress_token_ids: Sequence[int] = (),
     ) -> Tensor:
         """New token ids (B, T_new) for left-padded prompts, by the own decode loop (`vlm.decode.generate`: KV cache,
         greedy / sampling, stop tokens per row, streaming; beam search on transformers' `generate`)."""
@@ -265,6 +266,7 @@ class VisionLanguageModel(nn.Module):
             pad_token_id,
             streamer,
             on_tokens,
+            suppress_token_ids,
         )
 
 
