@@ -28,7 +28,39 @@ def _answer_logps(model: VisionLanguageModel, batch: dict[str, Any]) -> tuple[Te
     return logp.sum(dim=1), mask.sum(dim=1)
 
 
-class DPOModule(VLMModule):
+class _PairModule(VLMModule):
+    """What the methods trained on preference pairs share: a step scores each pair's chosen and rejected answer
+    (`_pair_step`), and logs the loss, the mean margin and the share of pairs scored the right way round (its
+    `val/accuracy` on held-out pairs)."""
+
+    margin_name = "margin"
+    accuracy_name = "accuracy"
+
+    def _pair_step(self, batch: dict[str, Any], stage: str) -> tuple[Tensor, Tensor, Tensor]:
+        """(loss, chosen scores, rejected scores) of a batch of pairs."""
+        raise NotImplementedError
+
+    def _step(self, batch: dict[str, Any], stage: str) -> Tensor:
+        loss, chosen, rejected = self._pair_step(batch, stage)
+        b = batch["num_samples"]
+        kw = {"batch_size": b, "sync_dist": stage == "val"}
+        self.log(f"{stage}/loss", loss, prog_bar=True, **kw)
+        self.log(f"{stage}/{self.margin_name}", (chosen - rejected).mean(), prog_bar=True, **kw)
+        if stage == "train":
+            self.log(f"train/{self.accuracy_name}", (chosen > rejected).float().mean(), **kw)
+        else:
+            self._correct += int((chosen > rejected).sum())
+            self._answered += b
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+
+class DPOModule(_PairModule):
     """Direct preference optimisation on image preference pairs (`vlm fit-dpo`).
 
     The reference model is the starting model, frozen: a copy of it, or, with LoRA, the same model with its adapters
@@ -46,6 +78,8 @@ class DPOModule(VLMModule):
     """
 
     command = "vlm fit-dpo"
+    margin_name = "reward_margin"
+    accuracy_name = "preference_accuracy"
     curve_metrics = ("train/reward_margin", "train/preference_accuracy", "val/reward_margin")
 
     def __init__(
@@ -74,7 +108,7 @@ class DPOModule(VLMModule):
         with self.vlm.decoder.disable_adapter():  # LoRA: the model without its adapters is the starting model
             return _answer_logps(self.vlm, batch)[0]
 
-    def _step(self, batch: dict[str, Any], stage: str) -> Tensor:
+    def _pair_step(self, batch: dict[str, Any], stage: str) -> tuple[Tensor, Tensor, Tensor]:
         logps, tokens = _answer_logps(self.vlm, batch)
         ref = self._reference_logps(batch)
         b = batch["num_samples"]
@@ -92,27 +126,13 @@ class DPOModule(VLMModule):
         loss = losses.mean()
         if self.nll_weight:
             loss = loss + self.nll_weight * (-logps[:b] / tokens[:b]).mean()
-        sync = stage == "val"
-        kw = {"batch_size": b, "sync_dist": sync}
-        self.log(f"{stage}/loss", loss, prog_bar=True, **kw)
+        kw = {"batch_size": b, "sync_dist": stage == "val"}
         self.log(f"{stage}/chosen_reward", chosen.mean(), **kw)
         self.log(f"{stage}/rejected_reward", rejected.mean(), **kw)
-        self.log(f"{stage}/reward_margin", (chosen - rejected).mean(), prog_bar=True, **kw)
-        if stage == "train":
-            self.log("train/preference_accuracy", (chosen > rejected).float().mean(), **kw)
-        else:
-            self._correct += int((chosen > rejected).sum())
-            self._answered += b
-        return loss
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch, "val")
+        return loss, chosen, rejected
 
 
-class RewardModule(VLMModule):
+class RewardModule(_PairModule):
     """A reward model trained on preference pairs with the Bradley-Terry loss (`vlm fit-reward`): a scalar head on
     the decoder's last hidden state at the answer's last token (`vlm.reward`). The run's `model/` folder is the model
     with `reward_head.safetensors` beside it, for `vlm reward` and GRPO's `reward_model` reward. Logged: the loss, the
@@ -143,28 +163,13 @@ class RewardModule(VLMModule):
             {"params": [self.head.bias], "lr": lr, "weight_decay": 0.0, "name": "head_no_decay"},
         ]
 
-    def _step(self, batch: dict[str, Any], stage: str) -> Tensor:
+    def _pair_step(self, batch: dict[str, Any], stage: str) -> tuple[Tensor, Tensor, Tensor]:
         scores = last_token_scores(
             self.vlm, self.head, batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
         )
         b = batch["num_samples"]
         chosen, rejected = scores[:b], scores[b:]
-        loss = bradley_terry_loss(chosen, rejected).mean()
-        kw = {"batch_size": b, "sync_dist": stage == "val"}
-        self.log(f"{stage}/loss", loss, prog_bar=True, **kw)
-        self.log(f"{stage}/margin", (chosen - rejected).mean(), **kw)
-        if stage == "train":
-            self.log("train/accuracy", (chosen > rejected).float().mean(), **kw)
-        else:
-            self._correct += int((chosen > rejected).sum())
-            self._answered += b
-        return loss
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch, "val")
+        return bradley_terry_loss(chosen, rejected).mean(), chosen, rejected
 
     def export_model(self, state: dict[str, Tensor], out: Path) -> Path:
         folder = super().export_model(state, out)

@@ -230,6 +230,14 @@ def read_jsonl(
     opened here: a missing or corrupt image surfaces when the image is loaded.
     """
     path = Path(path)
+    yield from _parsed_lines(
+        path, lambda value, number: parse_row(value, path.parent, caption_prompt, require_target, number)
+    )
+
+
+def _parsed_lines(path: Path, parse: Callable[[Any, int], Any]) -> Iterator[Any]:
+    """`parse(value, line number)` of every line of a JSONL file that reads as JSON, with the line's offset set, or
+    the `RowError` of a broken line; raises `VLMError` when the file has no rows at all."""
     rows = 0
     for line in json_lines(path):
         rows += 1
@@ -237,13 +245,13 @@ def read_jsonl(
             yield RowError(line.error, line.number)
             continue
         try:
-            example = parse_row(line.value, path.parent, caption_prompt, require_target, line.number)
+            parsed = parse(line.value, line.number)
         except RowError as e:
             e.row = line.value
             yield e
             continue
-        example.offset = line.offset
-        yield example
+        parsed.offset = line.offset
+        yield parsed
     if not rows:
         raise VLMError(f"no rows in {path}")
 
@@ -288,22 +296,7 @@ def read_pairs(path: str | Path) -> Iterator[PreferencePair | RowError]:
     """Yields one `PreferencePair` per line of a preference JSONL file, or the `RowError` of a broken line (as
     `read_jsonl` does); raises `VLMError` when the file is missing, not a regular file, or has no rows at all."""
     path = Path(path)
-    rows = 0
-    for line in json_lines(path):
-        rows += 1
-        if line.error is not None:
-            yield RowError(line.error, line.number)
-            continue
-        try:
-            pair = parse_pair(line.value, path.parent, line.number)
-        except RowError as e:
-            e.row = line.value
-            yield e
-            continue
-        pair.offset = line.offset
-        yield pair
-    if not rows:
-        raise VLMError(f"no rows in {path}")
+    yield from _parsed_lines(path, lambda value, number: parse_pair(value, path.parent, number))
 
 
 def single_image_rows(
