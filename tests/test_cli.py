@@ -487,6 +487,7 @@ SEEDED_COMMANDS = {
     "shapes-report": ["p.jsonl"],
     "baselines": ["--train", "t.jsonl", "--test", "q.jsonl"],
     "probe": ["--train", "t.jsonl", "--test", "q.jsonl"],
+    "data preference": ["--data", "q.jsonl", "--out", "out.jsonl", "--model", "{ckpt}"],
 }
 
 

@@ -159,7 +159,7 @@ def test_lora_trains_adapters_only_and_merges_on_export(tmp_path, table, process
         optimizer.zero_grad()
     module.eval()
     with torch.no_grad():
-        expected = module(batch).logits
+        expected = module.vlm(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
     export_state(module.export_meta(), module.state_dict(), tmp_path / "merged")
     merged, _ = load(tmp_path / "merged")
     assert not any("lora" in n for n in merged.state_dict())
