@@ -13,7 +13,7 @@ from vlm.eval.benchmarks.shapes import generate_shapes
 from vlm.eval.explain_bench import blank, explain_bench, pointing_hit, uniformity
 
 from vlm.errors import VLMError
-from vlm.explain import METHODS, draw, explain_answer, normalise, relevance
+from vlm.explain import METHODS, attention_weights, draw, explain_answer, normalise, relevance
 from vlm.generation import GenerationOptions
 
 GEN = GenerationOptions(max_new_tokens=3)
@@ -41,6 +41,22 @@ def test_maps_have_the_grid_shape_and_are_finite_and_normalised(tiny, image, met
     assert not torch.allclose(e.scores, torch.full((rows, cols), 1 / (rows * cols)))  # a scrambled model looks
     saved = e.to_json()
     assert len(saved["scores"]) == rows and len(saved["scores"][0]) == cols and len(saved["tokens"]) == len(e.tokens)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_attention_weights_of_a_left_padded_row_equal_the_unpadded_ones(image, family):
+    """The weights come from the model's own forward: left padding changes neither positions nor attention (GPT-2's
+    positions are absolute, so a pass that numbered the padding would shift them)."""
+    model, processor = build_tiny(tiny_config(family))
+    batch = processor(["What colour is it?"], [[image]])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    padded_ids = torch.cat([torch.zeros_like(ids[:, :3]), ids], 1)
+    padded_mask = torch.cat([torch.zeros_like(mask[:, :3]), mask], 1)
+    alone = attention_weights(model, ids, mask, batch["pixel_values"])
+    padded = attention_weights(model, padded_ids, padded_mask, batch["pixel_values"])
+    assert len(alone) == len(padded) == model.decoder.config.num_hidden_layers
+    for a, p in zip(alone, padded):
+        torch.testing.assert_close(p[:, :, 3:, 3:], a, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -80,8 +80,7 @@ def _norms_and_dependence(model, batches: list[dict[str, Any]]) -> dict[str, Any
 
 def _attention_to_image(model, batch: dict[str, Any]) -> list[float]:
     mask = batch["attention_mask"]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    layers = attention_weights(model, batch["input_ids"], mask, batch["pixel_values"], positions)
+    layers = attention_weights(model, batch["input_ids"], mask, batch["pixel_values"])
     # Positions whose next token is an answer token: they are the ones that produce the answer.
     asking = torch.zeros_like(mask, dtype=torch.bool)
     asking[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX

@@ -86,28 +86,16 @@ def _eager_attention(decoder):
 
 @torch.no_grad()
 def attention_weights(
-    model: VisionLanguageModel,
-    input_ids: Tensor,
-    attention_mask: Tensor | None,
-    pixel_values: Tensor | None,
-    position_ids: Tensor | None = None,
+    model: VisionLanguageModel, input_ids: Tensor, attention_mask: Tensor | None, pixel_values: Tensor | None
 ) -> tuple[Tensor, ...]:
     """Every decoder layer's attention weights, (B, heads, T, T) each, for one forward pass with eager attention."""
     with _eager_attention(model.decoder):
-        embeds = model.embed(input_ids, pixel_values)
-        with model._positioned(input_ids):
-            out = model.decoder(
-                inputs_embeds=embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                output_attentions=True,
-                use_cache=False,
-            )
-    if not out.attentions or any(a is None for a in out.attentions):
+        attentions = model(input_ids, attention_mask, pixel_values, output_attentions=True).attentions
+    if not attentions or any(a is None for a in attentions):
         raise VLMError(
             f"the {model.decoder.config.model_type} decoder returns no attention weights; use --method gradient"
         )
-    return out.attentions
+    return attentions
 
 
 def relevance(
@@ -131,13 +119,11 @@ def relevance(
     if method not in METHODS:
         raise VLMError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     length = input_ids.shape[1]
-    positions = torch.arange(length, device=input_ids.device)[None]
     queries = torch.arange(length - num_answer - 1, length - 1, device=input_ids.device)  # t predicts token t + 1
     image = (input_ids[0] == model.image_token_id).nonzero()[:, 0]
     if method != "gradient":
-        layers = attention_weights(model, input_ids, attention_mask, pixel_values, positions)
-        attn = torch.stack(layers)[:, 0].float().mean(1)  # (layers, T, T), heads averaged
-        if method == "attention":
+        attn = torch.stack(attention_weights(model, input_ids, attention_mask, pixel_values))[:, 0].float().mean(1)
+        if method == "attention":  # (layers, T, T), heads averaged
             return attn.mean(0)[queries][:, image]
         eye = torch.eye(length, device=attn.device)
         flow = eye
@@ -146,17 +132,23 @@ def relevance(
             flow = (step / step.sum(-1, keepdim=True)) @ flow
         return flow[queries][:, image]
     targets = input_ids[0, queries + 1]
-    with torch.enable_grad():
-        embeds = model.embed(input_ids, pixel_values).detach().requires_grad_(True)
-        with model._positioned(input_ids):
-            logits = model.decoder(
-                inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, use_cache=False
-            ).logits[0, queries]
-        log_probs = logits.float().log_softmax(-1).gather(1, targets[:, None])[:, 0]
-        maps = []
-        for k in range(num_answer):
-            (grad,) = torch.autograd.grad(log_probs[k], embeds, retain_graph=k + 1 < num_answer)
-            maps.append((grad[0, image] * embeds[0, image]).float().sum(-1).abs())
+    images: list[Tensor] = []  # the projector's output, made the leaf the gradient is taken at
+
+    def leaf(module, args, out: Tensor) -> Tensor:
+        images.append(out.detach().requires_grad_(True))
+        return images[-1]
+
+    hook = model.projector.register_forward_hook(leaf)
+    try:
+        with torch.enable_grad():
+            logits = model(input_ids, attention_mask, pixel_values).logits[0, queries]
+            log_probs = logits.float().log_softmax(-1).gather(1, targets[:, None])[:, 0]
+            maps = []
+            for k in range(num_answer):
+                (grad,) = torch.autograd.grad(log_probs[k], images[0], retain_graph=k + 1 < num_answer)
+                maps.append((grad * images[0]).float().sum(-1).abs().flatten())  # image tokens in order
+    finally:
+        hook.remove()
     return torch.stack(maps).detach()
 
 

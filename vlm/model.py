@@ -47,6 +47,7 @@ class VLMOutput:
     loss: Tensor | None
     logits: Tensor
     hidden_states: Tensor | None = None  # the decoder's last hidden states (B, T, D), when asked for
+    attentions: tuple[Tensor, ...] | None = None  # every decoder layer's attention weights (B, heads, T, T), when asked for
 
 
 def build_encoder(config: VLMConfig, pretrained: bool) -> ImageEncoder:
@@ -194,9 +195,11 @@ class VisionLanguageModel(nn.Module):
         labels: Tensor | None = None,
         position_ids: Tensor | None = None,
         output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> VLMOutput:
         """Logits, and with `labels` the mean cross-entropy over the labelled tokens; with `output_hidden_states`, the
-        decoder's last hidden states too (what a reward head reads).
+        decoder's last hidden states too (what a reward head reads); with `output_attentions`, every layer's attention
+        weights (what `vlm explain` reads; the decoder must run eager attention to return them).
 
         Without `labels`: logits (B, T, vocab). With `labels`: logits only where a token is predicted for a label,
         (number of labelled tokens, vocab) in row-major order, and the loss from those. A batch's whole fp32 logits
@@ -232,15 +235,17 @@ class VisionLanguageModel(nn.Module):
                 position_ids=position_ids,
                 use_cache=False,
                 output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions,
                 **({"logits_to_keep": keep} if selects else {}),
             )
         logits, hidden = out.logits, out.hidden_states[-1] if output_hidden_states else None
+        attentions = out.attentions if output_attentions else None
         if keep is None:
-            return VLMOutput(None, logits, hidden)
+            return VLMOutput(None, logits, hidden, attentions)
         if not selects:
             logits = logits[keep]
         loss = F.cross_entropy(logits.float(), targets[keep[:, :-1]])
-        return VLMOutput(loss, logits, hidden)
+        return VLMOutput(loss, logits, hidden, attentions)
 
     def generate(
         self,
