@@ -354,7 +354,7 @@ def create_app(model, processor, settings: ServerSettings) -> FastAPI:
         except VLMError as e:
             raise RequestError(400, str(e), "messages") from None
         answer_tokens = (
-            len(processor.text_ids(body.answer)) if body.answer else body.max_tokens or DEFAULT_MAX_NEW_TOKENS
+            len(processor.text_ids(body.answer.strip())) if body.answer else body.max_tokens or DEFAULT_MAX_NEW_TOKENS
         )
         if not batcher.fits(prompt_tokens, answer_tokens):
             raise RequestError(
@@ -386,7 +386,7 @@ def create_app(model, processor, settings: ServerSettings) -> FastAPI:
         )
         submit(job)
         maps = await _Answer(job, events, batcher, time.monotonic() + settings.timeout_s, state).whole(request)
-        state.completion_tokens, state.batch_size = len(maps["tokens"]), 1
+        state.completion_tokens, state.batch_size = len(maps["tokens"]), job.batch_size
         return {
             "id": job.id,
             "object": "explanation",
