@@ -433,9 +433,9 @@ def test_the_web_page_in_a_real_browser(tiny, server, pil_images, tmp_path):
         page.wait_for_function(f"document.querySelectorAll('#overlay:not([hidden]) .cell').length == {rows * cols}")
         shades = page.eval_on_selector_all("#overlay .cell", "cells => cells.map((c) => c.style.backgroundColor)")
         assert len(set(shades)) > 1  # a map, not a uniform tint
+        page.screenshot(path=str(tmp_path / "page.png"))
         page.uncheck("#look")
         page.wait_for_selector("#overlay", state="hidden")
-        page.screenshot(path=str(tmp_path / "page.png"))
         browser.close()
     model, processor = tiny
     from vlm.images import load_image
