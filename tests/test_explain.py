@@ -210,3 +210,16 @@ def test_benchmark_report_on_an_untrained_shapes_model(tmp_path):
     for method in METHODS:
         assert 0 <= report[method]["pointing"] <= 1 and 0 < report[method]["uniformity"] <= 1
         assert all(0 <= d <= 1 for d in report[method]["deletion"])
+
+
+def test_a_given_answer_is_explained_as_if_the_model_had_answered_it(tiny, image, monkeypatch):
+    model, processor = tiny
+    ids = processor.text_ids("a red square")
+    given = explain_answer(model, processor, image, "What colour is it?", "gradient", answer=" a red square ")
+    end = processor.stop_token_ids[0]
+    monkeypatch.setattr("vlm.explain.generate_ids", lambda *args: torch.tensor([[*ids, end, end]]))
+    generated = explain_answer(model, processor, image, "What colour is it?", "gradient", GEN)
+    assert given.answer == generated.answer == "a red square" and len(given.tokens) == len(ids)
+    assert torch.equal(given.token_scores, generated.token_scores)
+    with pytest.raises(VLMError, match="answer is empty"):
+        explain_answer(model, processor, image, "What colour is it?", answer="  ")

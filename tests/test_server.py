@@ -18,10 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
+from vlm.explain import explain_answer  # noqa: E402
 from vlm.generation import GenerationOptions, generate_texts  # noqa: E402
 from vlm.server import ServerSettings, create_app, listen  # noqa: E402
 
@@ -298,6 +300,89 @@ def test_a_client_that_leaves_mid_stream_frees_its_place(server):
     assert metric(server, 'vlm_requests_total{status="499"}') >= 1
 
 
+def explain_body(content, **more) -> str:
+    return json.dumps({"model": NAME, "messages": [{"role": "user", "content": content}], **more})
+
+
+def image_and(question: str, image) -> list[dict]:
+    return [{"type": "image_url", "image_url": {"url": data_url(png(image))}}, {"type": "text", "text": question}]
+
+
+def test_explain_returns_the_answers_maps_over_the_patch_grid(tiny, server, pil_images):
+    model, processor = tiny
+    rows, cols = model.image_grid
+    body = explain_body(image_and("what colour?", pil_images[2]), answer="a red square", method="rollout")
+    status, headers, text = raw(server, "POST", "/v1/explain", body)
+    got = json.loads(text)
+    assert status == 200 and got["object"] == "explanation" and headers["x-request-id"] == got["id"]
+    assert got["grid"] == [rows, cols] and got["answer"] == "a red square" and got["method"] == "rollout"
+    scores = torch.tensor(got["scores"])
+    assert scores.shape == (rows, cols) and (scores >= 0).all() and scores.sum().item() == pytest.approx(1, abs=1e-4)
+    assert len(got["tokens"]) == len(processor.text_ids("a red square"))
+    assert all(torch.tensor(t["scores"]).sum().item() == pytest.approx(1, abs=1e-4) for t in got["tokens"])
+    want = explain_answer(model, processor, pil_images[2], "what colour?", "rollout", answer="a red square")
+    assert torch.allclose(scores, want.scores, atol=1e-5)
+    assert not torch.allclose(scores, torch.full((rows, cols), 1 / (rows * cols)))
+    # Without an answer, the model's own: the one a chat request gets.
+    status, _, text = raw(
+        server, "POST", "/v1/explain", explain_body(image_and("what?", pil_images[2]), max_tokens=TOKENS)
+    )
+    assert status == 200 and json.loads(text)["answer"] == expected(tiny, "what?", [pil_images[2]]) != ""
+
+
+def test_bad_explain_requests_are_one_line_errors(server, pil_images):
+    image = image_and("what?", pil_images[0])
+    cases = [
+        (explain_body("what colour?"), 400),  # no image
+        (explain_body([*image, image[0]]), 400),  # two
+        (explain_body(image, answer="  "), 400),
+        (explain_body([{"type": "image_url", "image_url": {"url": "missing.png"}}]), 400),
+        (explain_body([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]), 400),
+        (
+            json.dumps(
+                {
+                    "model": NAME,
+                    "messages": [
+                        {"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": "yo"},
+                        {"role": "user", "content": image},
+                    ],
+                }
+            ),
+            400,
+        ),
+        (explain_body(image, answer="x " * 10_000), 400),  # beyond the context
+        (explain_body(image, method="magic"), 422),
+        (explain_body(image, model="gpt-4o"), 404),
+    ]
+    for body, status in cases:
+        got, _, text = raw(server, "POST", "/v1/explain", body)
+        message = json.loads(text)["error"]["message"]
+        assert got == status and "\n" not in message and "Traceback" not in message, (body[:120], got, text)
+    assert raw(server, "POST", "/v1/explain", explain_body(image, answer="red"))[0] == 200
+
+
+def test_an_explanation_waits_in_the_queue_for_the_batch_before_it(tiny, server, client, pil_images):
+    gate, results = server[1], {}
+    gate.open.clear()
+    batches = len(gate.sizes)
+    chat = threading.Thread(target=lambda: results.update(chat=client.chat.completions.create(**ask("first"))))
+    body = explain_body(image_and("what?", pil_images[1]), answer="green")
+    explain = threading.Thread(target=lambda: results.update(explain=raw(server, "POST", "/v1/explain", body)))
+    chat.start()
+    try:
+        wait_for(lambda: len(gate.sizes) == batches + 1)  # the chat request is decoding, held at its first step
+        explain.start()
+        wait_for(lambda: metric(server, "vlm_queue_depth") == 1)  # the explanation waits behind it
+        assert "explain" not in results
+    finally:
+        gate.open.set()
+    chat.join(60)
+    explain.join(60)
+    assert results["chat"].choices[0].message.content == expected(tiny, "first")
+    assert results["explain"][0] == 200 and json.loads(results["explain"][2])["answer"] == "green"
+
+
 def metric(server, name: str) -> float:
     """A sample's value in /metrics (0 if absent)."""
     text = raw(server, "GET", "/metrics")[2]
@@ -336,6 +421,7 @@ def test_the_web_page_in_a_real_browser(tiny, server, pil_images, tmp_path):
         page.fill("#key", KEY)
         page.set_input_files("#file", str(image))
         page.wait_for_selector("#preview[src^='data:image/png']")
+        page.check("#look")  # "where did it look": each answer's map over the image
         for turn, question in enumerate(["what colour?", "and the shape?"], start=1):
             page.fill("#question", question)
             page.click("#send")
@@ -343,7 +429,13 @@ def test_the_web_page_in_a_real_browser(tiny, server, pil_images, tmp_path):
             page.wait_for_function(f"{answered} && !document.getElementById('send').disabled")
         answers = page.locator(".msg.assistant").all_inner_texts()
         assert page.locator(".msg.error").count() == 0
+        rows, cols = tiny[0].image_grid
+        page.wait_for_function(f"document.querySelectorAll('#overlay:not([hidden]) .cell').length == {rows * cols}")
+        shades = page.eval_on_selector_all("#overlay .cell", "cells => cells.map((c) => c.style.backgroundColor)")
+        assert len(set(shades)) > 1  # a map, not a uniform tint
         page.screenshot(path=str(tmp_path / "page.png"))
+        page.uncheck("#look")
+        page.wait_for_selector("#overlay", state="hidden")
         browser.close()
     model, processor = tiny
     from vlm.images import load_image

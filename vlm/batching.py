@@ -5,6 +5,9 @@ wait for company (`wait_s`), the queued jobs that can share its decode (the same
 lengths that fit the context together), up to `max_batch_size`, and runs them as one batch. Each step's tokens reach
 each job through `generate_texts(on_tokens=...)`; a job finishes at its end-of-turn token, at its own `max_tokens`,
 at a stop string, or when it is cancelled (its client left), and the batch ends when all of its jobs have.
+
+An `ExplainJob` (an explanation map, `vlm.explain`) waits in the same queue, under the same limits, and runs alone on
+the same thread: the model is never used by two things at once.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from PIL import Image
 
 from vlm.decoder import context_length
 from vlm.errors import VLMError
+from vlm.explain import explain_answer
 from vlm.generation import GenerationOptions, generate_texts
 
 log = logging.getLogger("vlm.server")
@@ -107,6 +111,36 @@ class Job:
         return False
 
 
+@dataclass(eq=False)
+class ExplainJob:
+    """A request for the explanation map of an answer about one image (`explain_answer`; `answer` None: the model's
+    greedy answer, up to `max_tokens`). `emit` as for a `Job`: ("done", the explanation's JSON) or ("error", (status,
+    message))."""
+
+    id: str
+    question: str
+    image: Image.Image
+    answer: str | None
+    method: str
+    prompt_tokens: int
+    max_tokens: int
+    emit: Callable[[str, Any], None]
+    cancelled: bool = False
+    batch_size: int = 0
+    queued_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> tuple:
+        """Its own: an explanation runs alone."""
+        return ("explain", self.id)
+
+    def run(self, model, processor) -> None:
+        options = GenerationOptions(max_new_tokens=self.max_tokens)
+        result = explain_answer(model, processor, self.image, self.question, self.method, options, self.answer)
+        if not self.cancelled:
+            self.emit("done", result.to_json())
+
+
 class Batcher:
     """The queue and the worker thread that decodes it, batch by batch (see the module's docstring).
 
@@ -125,8 +159,8 @@ class Batcher:
         self.max_batch_size, self.max_queue, self.wait_s = max_batch_size, max_queue, wait_s
         self.on_batch = on_batch
         self.context = context_length(model.decoder)
-        self.pending: deque[Job] = deque()
-        self.running: list[Job] = []
+        self.pending: deque[Job | ExplainJob] = deque()
+        self.running: list[Job | ExplainJob] = []
         self.cond = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="vlm-batcher", daemon=True)
@@ -142,7 +176,7 @@ class Batcher:
             self.cond.notify_all()
         self.thread.join()
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job | ExplainJob) -> None:
         """Queues `job`; raises `QueueFull` when `max_queue` jobs are waiting already."""
         with self.cond:
             if len(self.pending) >= self.max_queue:
@@ -150,7 +184,7 @@ class Batcher:
             self.pending.append(job)
             self.cond.notify_all()
 
-    def cancel(self, job: Job) -> None:
+    def cancel(self, job: Job | ExplainJob) -> None:
         """Drops `job`: out of the queue at once, or out of its batch at the next step."""
         with self.cond:
             job.cancelled = True
@@ -165,7 +199,7 @@ class Batcher:
         """Whether a (batch) prompt of this length and this many new tokens fit the decoder's context."""
         return self.context is None or prompt_tokens + new_tokens <= self.context
 
-    def _take(self) -> list[Job]:
+    def _take(self) -> list[Job | ExplainJob]:
         """The next batch: the oldest job and those that can join it; empty when stopping."""
         with self.cond:
             while not self.pending and not self.stopping:
@@ -199,8 +233,11 @@ class Batcher:
             with self.cond:
                 self.running = []
 
-    def _run(self, batch: list[Job]) -> None:
+    def _run(self, batch: list[Job | ExplainJob]) -> None:
         first = batch[0]
+        if isinstance(first, ExplainJob):
+            self._explain(first)
+            return
         options = GenerationOptions(
             max_new_tokens=max(job.max_tokens for job in batch),
             temperature=first.temperature,
@@ -231,6 +268,17 @@ class Batcher:
         if self.on_batch is not None:
             tokens = sum(len(job.tracker.tokens) for job in batch)
             self.on_batch(len(batch), tokens, time.monotonic() - start)
+
+    def _explain(self, job: ExplainJob) -> None:
+        try:
+            job.run(self.model, self.processor)
+        except VLMError as e:
+            if not job.cancelled:
+                job.emit("error", (400, str(e)))
+        except Exception:  # as for a batch: the log has the details, the client a line
+            log.exception("explaining %s failed", job.id)
+            if not job.cancelled:
+                job.emit("error", (500, "the server failed to explain this answer"))
 
     @staticmethod
     def _fail(batch: list[Job], status: int, message: str) -> None:

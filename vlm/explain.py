@@ -179,9 +179,11 @@ def explain_answer(
     question: str | None = None,
     method: str = "attention",
     options: GenerationOptions | None = None,
+    answer: str | None = None,
 ) -> Explanation:
     """Answers `question` about `image` (without one, captions it) and explains the answer by `method` (see
-    `relevance`). Raises `VLMError` when the model's image tokens are no patch grid or its answer is empty."""
+    `relevance`); with `answer` (e.g. one the server sent before), explains that text instead of generating one.
+    Raises `VLMError` when the model's image tokens are no patch grid or the answer is empty."""
     grid = model.image_grid
     if grid is None:
         raise VLMError(
@@ -191,9 +193,12 @@ def explain_answer(
     if method not in METHODS:
         raise VLMError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     prompt = processor.caption_prompt if question is None else question
-    generated = generate_ids(model, processor, [prompt], [[image]], options)[0].tolist()
-    stops = {*processor.stop_token_ids, processor.tokenizer.pad_token_id}
-    answer_ids = generated[: next((k for k, t in enumerate(generated) if t in stops), len(generated))]
+    if answer is None:
+        generated = generate_ids(model, processor, [prompt], [[image]], options)[0].tolist()
+        stops = {*processor.stop_token_ids, processor.tokenizer.pad_token_id}
+        answer_ids = generated[: next((k for k, t in enumerate(generated) if t in stops), len(generated))]
+    else:
+        answer_ids = processor.text_ids(answer.strip())
     answer = processor.decode(answer_ids)
     if not answer:
         raise VLMError("the model's answer is empty: there is nothing to explain")

@@ -1,5 +1,6 @@
 """OpenAI's chat-completions request, as the server reads it: the schema (pydantic), and the turn into what
-`generate_texts` takes: a question, the conversation before it, and the images.
+`generate_texts` takes: a question, the conversation before it, and the images. The server's own explanation
+request (`POST /v1/explain`) takes its messages in the same form.
 
 Images come as base64 data URLs (PNG, JPEG or WebP), or as paths inside the one folder the server was told it may
 read; the server fetches nothing from the network. Every problem with a request is a `RequestError` with the HTTP
@@ -20,6 +21,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from vlm.errors import VLMError
+from vlm.explain import Method
 
 # The most stop strings OpenAI takes.
 MAX_STOPS = 4
@@ -100,6 +102,34 @@ class ChatRequest(_Strict):
         """How many tokens to generate at most: `max_completion_tokens` (OpenAI's newer name), else `max_tokens`."""
         return self.max_completion_tokens or self.max_tokens or default
 
+    def turns(self, caption_prompt: str) -> Turns:
+        """The conversation as `generate_texts` takes it (see `to_turns`)."""
+        if self.n != 1:
+            raise RequestError(400, "n must be 1: the server returns one answer per request", "n")
+        return to_turns(self.messages, caption_prompt)
+
+
+class ExplainRequest(_Strict):
+    """`POST /v1/explain`: where the model looked for an answer. `messages` as in a chat request, but one user
+    message with one image; `answer`: the answer to explain (unset: the model's greedy answer, up to `max_tokens`)."""
+
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    answer: str | None = None
+    method: Method = "attention"
+    max_tokens: int | None = Field(None, ge=1)
+
+    def turn(self, caption_prompt: str) -> tuple[str, str]:
+        """The question and the image's URL."""
+        turns = to_turns(self.messages, caption_prompt)
+        if turns.history or len(turns.image_urls) != 1:
+            raise RequestError(
+                400, "an explanation takes one user message with one image (and its question)", "messages"
+            )
+        if self.answer is not None and not self.answer.strip():
+            raise RequestError(400, "the answer is empty: there is nothing to explain", "answer")
+        return turns.question, turns.image_urls[0]
+
 
 @dataclass
 class Turns:
@@ -125,13 +155,11 @@ def _text(message: Message, index: int) -> tuple[str, list[str]]:
     return "\n".join(texts), urls
 
 
-def to_turns(request: ChatRequest, caption_prompt: str) -> Turns:
+def to_turns(messages: list[Message], caption_prompt: str) -> Turns:
     """The question (the last message, the user's), the conversation before it and every image, in order. The
     images go where the processor puts a conversation's images: into its first user turn. A last message with
     images and no text asks for the model's caption prompt."""
-    if request.n != 1:
-        raise RequestError(400, "n must be 1: the server returns one answer per request", "n")
-    *before, last = request.messages
+    *before, last = messages
     if last.role != "user":
         raise RequestError(400, "the last message must be the user's", "messages")
     history, urls = [], []

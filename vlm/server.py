@@ -2,6 +2,8 @@
 
 - `POST /v1/chat/completions`: OpenAI's request and response (or server-sent chunks with `"stream": true`); the
   requests go through the `Batcher` (vlm/batching.py), which decodes those that arrive together as one batch.
+- `POST /v1/explain`: where the model looked for an answer about one image (`vlm.explain`'s maps over the image's
+  patch grid, as JSON); it waits in the same queue and runs alone between batches.
 - `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus' text format), `GET /` (the page in vlm/web/).
 
 Every error is OpenAI's JSON, `{"error": {"message", "type", "param", "code"}}`, never a stack trace: 400 for a bad
@@ -32,17 +34,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, format_sse_event
+from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from vlm.batching import Batcher, Job, QueueFull, TextTracker
+from vlm.batching import Batcher, ExplainJob, Job, QueueFull, TextTracker
 from vlm.errors import VLMError
 from vlm.generation import DEFAULT_MAX_NEW_TOKENS
-from vlm.openai_api import ChatRequest, RequestError, Turns, read_image, to_turns
+from vlm.openai_api import ChatRequest, ExplainRequest, RequestError, Turns, read_image
 
 log = logging.getLogger("vlm.server")
 CHAT_PATH = "/v1/chat/completions"
+EXPLAIN_PATH = "/v1/explain"
+LOGGED = {CHAT_PATH: "chatcmpl", EXPLAIN_PATH: "explain"}  # the requests logged and counted, and their ids' prefix
 CLIENT_GONE = 499  # the status logged for a client that disconnected before its answer (nginx's convention)
 
 
@@ -68,10 +73,13 @@ class Metrics:
     def __init__(self, batcher: Batcher):
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
-            "vlm_requests", "Chat completion requests answered, by HTTP status", ["status"], registry=r
+            "vlm_requests", "Chat completion and explanation requests answered, by HTTP status", ["status"], registry=r
         )
         self.errors = Counter(
-            "vlm_request_errors", "Chat completion requests that failed, by HTTP status", ["status"], registry=r
+            "vlm_request_errors",
+            "Chat completion and explanation requests that failed, by HTTP status",
+            ["status"],
+            registry=r,
         )
         self.latency = Histogram("vlm_request_latency_seconds", "Time from request to last byte", registry=r)
         self.prompt_tokens = Counter("vlm_prompt_tokens", "Prompt tokens read (image tokens included)", registry=r)
@@ -128,18 +136,18 @@ class BodyLimit:
 
 
 class RequestLog:
-    """Pure ASGI middleware: gives each chat request an id, and once its response is over (a stream included),
-    logs one line and counts it in the metrics. The endpoint leaves the counts in `request.state`."""
+    """Pure ASGI middleware: gives each chat or explanation request an id, and once its response is over (a stream
+    included), logs one line and counts it in the metrics. The endpoint leaves the counts in `request.state`."""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != CHAT_PATH:
+        if scope["type"] != "http" or scope["path"] not in LOGGED:
             return await self.app(scope, receive, send)
         start, status = time.monotonic(), 500
         state = scope.setdefault("state", {})
-        state["request_id"] = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        state["request_id"] = f"{LOGGED[scope['path']]}-{uuid.uuid4().hex[:24]}"
 
         async def send_status(message):
             nonlocal status
@@ -251,7 +259,7 @@ def create_app(model, processor, settings: ServerSettings) -> FastAPI:
 
     def prepare(body: ChatRequest) -> tuple[Turns, int, list]:
         """The request's turns, prompt length and images (in a worker thread: images take time to decode)."""
-        turns = to_turns(body, processor.caption_prompt)
+        turns = body.turns(processor.caption_prompt)
         if len(turns.image_urls) > settings.max_images:
             raise RequestError(
                 400,
@@ -275,15 +283,26 @@ def create_app(model, processor, settings: ServerSettings) -> FastAPI:
         images = [read_image(url, i + 1, settings.allowed_image_dir) for i, url in enumerate(turns.image_urls)]
         return turns, prompt_tokens, images
 
-    @app.post(CHAT_PATH, dependencies=[Depends(check_key)])
-    async def chat_completions(body: ChatRequest, request: Request):
-        if body.model != settings.model_name:
+    def check_model(name: str) -> None:
+        if name != settings.model_name:
             raise RequestError(
                 404,
-                f"the model {body.model!r} does not exist; this server has {settings.model_name!r}",
+                f"the model {name!r} does not exist; this server has {settings.model_name!r}",
                 "model",
                 "model_not_found",
             )
+
+    def submit(job: Job | ExplainJob) -> None:
+        try:
+            batcher.submit(job)
+        except QueueFull:
+            raise RequestError(
+                503, f"the server is busy ({settings.max_queue} requests queued); retry later", code="queue_full"
+            ) from None
+
+    @app.post(CHAT_PATH, dependencies=[Depends(check_key)])
+    async def chat_completions(body: ChatRequest, request: Request):
+        check_model(body.model)
         stops = body.stops()
         turns, prompt_tokens, images = await run_in_threadpool(prepare, body)
         state = request.state
@@ -304,18 +323,14 @@ def create_app(model, processor, settings: ServerSettings) -> FastAPI:
             top_p=body.top_p,
             seed=body.seed,
         )
-        try:
-            batcher.submit(job)
-        except QueueFull:
-            raise RequestError(
-                503, f"the server is busy ({settings.max_queue} requests queued); retry later", code="queue_full"
-            ) from None
+        submit(job)
         answer = _Answer(job, events, batcher, time.monotonic() + settings.timeout_s, state)
         head = {"id": job.id, "created": int(time.time()), "model": settings.model_name}
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return EventSourceResponse(answer.chunks(head, usage))
-        text, finish = await answer.whole(request)
+        finish = await answer.whole(request)
+        text = job.tracker.sent
         return {
             **head,
             "object": "chat.completion",
@@ -330,14 +345,64 @@ def create_app(model, processor, settings: ServerSettings) -> FastAPI:
             "usage": answer.usage(),
         }
 
+    def prepare_explain(body: ExplainRequest) -> tuple[str, Image.Image, int, int]:
+        """The question, the image, the prompt's length and the answer's (most) tokens, checked (in a worker
+        thread)."""
+        question, url = body.turn(processor.caption_prompt)
+        try:
+            prompt_tokens = len(processor.prompt(question, 1))
+        except VLMError as e:
+            raise RequestError(400, str(e), "messages") from None
+        answer_tokens = (
+            len(processor.text_ids(body.answer.strip())) if body.answer else body.max_tokens or DEFAULT_MAX_NEW_TOKENS
+        )
+        if not batcher.fits(prompt_tokens, answer_tokens):
+            raise RequestError(
+                400,
+                f"the prompt ({prompt_tokens} tokens, the image included) and the answer ({answer_tokens} tokens) "
+                f"exceed the model's context of {batcher.context} tokens",
+                "messages",
+                "context_length_exceeded",
+            )
+        return question, read_image(url, 1, settings.allowed_image_dir), prompt_tokens, answer_tokens
+
+    @app.post(EXPLAIN_PATH, dependencies=[Depends(check_key)])
+    async def explain(body: ExplainRequest, request: Request):
+        check_model(body.model)
+        question, image, prompt_tokens, answer_tokens = await run_in_threadpool(prepare_explain, body)
+        state = request.state
+        state.prompt_tokens = prompt_tokens
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        job = ExplainJob(
+            id=state.request_id,
+            question=question,
+            image=image,
+            answer=body.answer,
+            method=body.method,
+            prompt_tokens=prompt_tokens,
+            max_tokens=answer_tokens,
+            emit=lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload)),
+        )
+        submit(job)
+        maps = await _Answer(job, events, batcher, time.monotonic() + settings.timeout_s, state).whole(request)
+        state.completion_tokens, state.batch_size = len(maps["tokens"]), job.batch_size
+        return {
+            "id": job.id,
+            "object": "explanation",
+            "created": int(time.time()),
+            "model": settings.model_name,
+            **maps,
+        }
+
     return app
 
 
 class _Answer:
-    """The answer to one job, read from its events: whole, or as OpenAI's stream chunks. Cancels the job when the
-    client leaves or the time is up."""
+    """The answer to one job, read from its events: whole, or (a chat job's) as OpenAI's stream chunks. Cancels the
+    job when the client leaves or the time is up."""
 
-    def __init__(self, job: Job, events: asyncio.Queue, batcher: Batcher, deadline: float, state):
+    def __init__(self, job: Job | ExplainJob, events: asyncio.Queue, batcher: Batcher, deadline: float, state):
         self.job, self.events, self.batcher, self.deadline, self.state = job, events, batcher, deadline, state
 
     def usage(self) -> dict[str, int]:
@@ -359,10 +424,11 @@ class _Answer:
             if kind == "done":
                 return
 
-    async def whole(self, request: Request) -> tuple[str, str]:
-        """The whole answer and its finish reason; cancels the job if the client disconnects first."""
+    async def whole(self, request: Request) -> Any:
+        """What the job's "done" event carries (a chat job's finish reason, an explanation's JSON) once it is done;
+        cancels the job if the client disconnects first."""
 
-        async def collect() -> str:
+        async def collect() -> Any:
             async for kind, payload in self.events_until_done():
                 if kind == "done":
                     return payload
@@ -382,8 +448,7 @@ class _Answer:
                 self.batcher.cancel(self.job)
         if work.cancelled():
             raise RequestError(CLIENT_GONE, "the client disconnected")
-        finish = work.result()
-        return self.job.tracker.sent, finish
+        return work.result()
 
     async def chunks(self, head: dict, include_usage: bool) -> AsyncIterator[bytes]:
         """OpenAI's `chat.completion.chunk` events, then `[DONE]`. A client that leaves cancels the job (the response
