@@ -225,3 +225,29 @@ def test_pairs_from_a_models_mistakes(tmp_path, tiny_checkpoint):
         assert pair.chosen == row["answer"] and pair.rejected != row["answer"] and pair.row["type"] == row["type"]
         assert [p.resolve() for p in pair.images] == [SHAPES / row["image"]]
         assert not Path(pair.row["image"]).is_absolute()
+
+
+def test_grpo_resumes_exactly(tmp_path):
+    """A GRPO run crashed after its checkpoint and resumed with --ckpt_path last ends with the same weights as one
+    that ran straight through: the sampled answers (the RNG), optimizer, schedule and data position are restored."""
+    rows = [json.loads(line) for line in (SHAPES / "val.jsonl").read_text().splitlines()[:8]]
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({**r, "image": str(SHAPES / r["image"])}) + "\n" for r in rows))
+    args = [
+        "--config", str(ROOT / "samples" / "configs" / "grpo.yaml"),
+        *tiny_args(tmp_path / "a", data, data, 6),
+        "--model.rewards=[{name: format, args: {pattern: '(?s)[a-m].*'}}]",
+        "--model.lr_projector=1e-2", "--model.lr_decoder=1e-2", "--model.group_size=4", "--model.max_new_tokens=3",
+        "--data.batch_size=2", "--data.generate_samples=0",
+        "--trainer.val_check_interval=100", "--trainer.callbacks.init_args.every_n_train_steps=2",
+    ]  # fmt: skip
+    main(["fit-grpo", *args])
+    # 3 batches of 2 optimizer steps each; crashed at the 3rd batch (step 4), resumed from the checkpoint of step 4.
+    crashed = make_cli([*args, f"--trainer.default_root_dir={tmp_path / 'b'}"], run=False, method="fit-grpo")
+    crashed.trainer.callbacks.append(StopAt(4))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.trainer.fit(crashed.model, datamodule=crashed.datamodule)
+    main(["fit-grpo", *args, f"--trainer.default_root_dir={tmp_path / 'b'}", "--ckpt_path=last"])
+    a, b = load(tmp_path / "a" / "model")[0].state_dict(), load(tmp_path / "b" / "model")[0].state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+
