@@ -12,6 +12,8 @@ import torch
 from lightning.pytorch import Callback
 from vlm.train.cli import main, make_cli
 from vlm.train.grpo import answer_mask
+from vlm.train.losses import dpo_loss
+from vlm.train.preference import _answer_logps
 from vlm.train.rewards import Rewards, RewardSpec, Rollout
 
 from vlm.checkpoint import load
@@ -251,3 +253,41 @@ def test_grpo_resumes_exactly(tmp_path):
     a, b = load(tmp_path / "a" / "model")[0].state_dict(), load(tmp_path / "b" / "model")[0].state_dict()
     assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
 
+
+def test_dpo_with_precomputed_reference_log_probs(tmp_path, pairs):
+    """With model.precompute_ref_log_probs the run keeps no reference model: the starting model's log-probabilities
+    of every pair, computed once at fit start, equal the live reference's (to float noise: other batches, other
+    padding), and a resumed run reads them from its checkpoint rather than scoring with the trained model."""
+    args = [
+        "--config", str(ROOT / "samples" / "configs" / "dpo.yaml"),
+        *tiny_args(tmp_path / "a", pairs["wrong_train"], pairs["wrong_val"], 4),
+        "--model.lr_projector=5e-3", "--model.lr_decoder=5e-3", "--model.beta=0.5",
+        "--trainer.val_check_interval=100", "--trainer.callbacks.init_args.every_n_train_steps=2",
+    ]  # fmt: skip
+    cli = make_cli([*args, "--model.precompute_ref_log_probs=true"], run=False, method="fit-dpo")
+    assert cli.model.reference is None
+    cli.datamodule.processor = cli.model.processor
+    cli.datamodule.setup("fit")
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    live = cli.model._live_reference_logps(batch)  # the starting model: what a kept reference would give
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    b = batch["num_samples"]
+    policy, tokens = (x.detach() for x in _answer_logps(cli.model.vlm, batch))
+    losses = [
+        dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], tokens[:b], tokens[b:], 0.5)[0]
+        for ref in (cli.model._reference_logps(batch, "train"), live)
+    ]
+    assert torch.allclose(*losses, atol=1e-5) and not torch.equal(losses[0], losses[1].new_zeros(b))
+    assert len(cli.model.reference_table["val"]) == 16
+    saved = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert not any(k.startswith("reference.") for k in saved["state_dict"])
+    assert torch.equal(saved["reference_log_probs"]["train"], cli.model.reference_table["train"])
+    # Crashed at step 3 and resumed from step 2: the same model as the run that went straight through.
+    resumed = [*args, "--model.precompute_ref_log_probs=true", f"--trainer.default_root_dir={tmp_path / 'b'}"]
+    crashed = make_cli(resumed, run=False, method="fit-dpo")
+    crashed.trainer.callbacks.append(StopAt(3))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.trainer.fit(crashed.model, datamodule=crashed.datamodule)
+    main(["fit-dpo", *resumed, "--ckpt_path=last"])
+    a, b = load(tmp_path / "a" / "model")[0].state_dict(), load(tmp_path / "b" / "model")[0].state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
