@@ -19,7 +19,9 @@ from vlm.train.rewards import Rewards, RewardSpec, Rollout
 from vlm.checkpoint import load
 from vlm.data import RowError, read_pairs
 from vlm.errors import VLMError
+from vlm.llava.export import export_hf
 from vlm.reward import load_reward_model, reward
+from vlm.training_ckpt import import_ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ROOT / "samples" / "data" / "shapes-mini"
@@ -141,6 +143,7 @@ def test_reward_model_ranks_held_out_pairs(tmp_path, pairs):
         "--config", str(ROOT / "samples" / "configs" / "reward.yaml"),
         *tiny_args(tmp_path, pairs["separable_train"], pairs["separable_val"], 8),
         "--model.lr_head=1e-2", "--model.lr_decoder=1e-3", "--trainer.val_check_interval=8",
+        "--trainer.callbacks.init_args.every_n_train_steps=8",
     ]  # fmt: skip
     main(["fit-reward", *args])
     summary = reward(str(pairs["separable_val"]), str(tmp_path / "model"), output=str(tmp_path / "scored.jsonl"))
@@ -148,6 +151,12 @@ def test_reward_model_ranks_held_out_pairs(tmp_path, pairs):
     assert summary["pairs"] == 16 and summary["accuracy"] > 0.9 and summary["broken_rows"] == 0
     scored = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
     assert all(r["chosen_score"] > r["rejected_score"] for r in scored)
+    # vlm import-ckpt of the run's last checkpoint (step 8) gives the same reward model: the head comes along.
+    import_ckpt(str(tmp_path / "checkpoints" / "last.ckpt"), str(tmp_path / "imported"))
+    reward(str(pairs["separable_val"]), str(tmp_path / "imported"), output=str(tmp_path / "rescored.jsonl"))
+    assert (tmp_path / "rescored.jsonl").read_text() == (tmp_path / "scored.jsonl").read_text()
+    with pytest.raises(VLMError, match="is a reward model: transformers' LLaVA has no class for its scalar head"):
+        export_hf(str(tmp_path / "imported"), str(tmp_path / "hf"))  # the head would be lost
     # The reward model as one more GRPO reward: the same scores.
     rewards = Rewards([RewardSpec("reward_model", args={"path": str(tmp_path / "model")})])
     row = scored[0]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +19,7 @@ from vlm.train.module import VLMModule, eval_mode
 
 from vlm.errors import VLMError
 from vlm.model import VisionLanguageModel
-from vlm.reward import last_token_scores, new_head, save_head
+from vlm.reward import last_token_scores, new_head
 
 
 def _answer_logps(model: VisionLanguageModel, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
@@ -241,8 +240,3 @@ class RewardModule(_PairModule):
         b = batch["num_samples"]
         chosen, rejected = scores[:b], scores[b:]
         return bradley_terry_loss(chosen, rejected).mean(), chosen, rejected
-
-    def export_model(self, state: dict[str, Tensor], out: Path) -> Path:
-        folder = super().export_model(state, out)
-        save_head({k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}, folder)
-        return folder
