@@ -300,3 +300,7 @@ def test_dpo_with_precomputed_reference_log_probs(tmp_path, pairs):
     main(["fit-dpo", *resumed, "--ckpt_path=last"])
     a, b = load(tmp_path / "a" / "model")[0].state_dict(), load(tmp_path / "b" / "model")[0].state_dict()
     assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+    # Resumed on other data, the saved scores do not fit: refused in one line, not recomputed with the trained model.
+    other = make_cli([*resumed, f"--data.train={pairs['wrong_val']}"], run=False, method="fit-dpo")
+    with pytest.raises(VLMError, match="^the checkpoint's reference log-probabilities are for 32 train pairs, but"):
+        other.trainer.fit(other.model, datamodule=other.datamodule, ckpt_path="last")

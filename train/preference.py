@@ -79,7 +79,7 @@ class DPOModule(_PairModule):
             2024): keeps the chosen answers likely while the margin grows. 0: plain DPO.
         precompute_ref_log_probs: Score the pairs with the reference once, before training, instead of at every
             step: no copy of the model, one forward pass per step fewer. The scores are saved in checkpoints, so a
-            resumed run reads them rather than recomputing them with the trained model.
+            resumed run reads them rather than recomputing them with the trained model. (SimPO has no reference.)
         **kwargs: `vlm fit`'s model options (`VLMModule`): `init_from`, learning rates, `lora`, ...
     """
 
@@ -141,7 +141,10 @@ class DPOModule(_PairModule):
     def on_validation_start(self) -> None:
         if self.precompute and "val" not in self.reference_table:
             if self.trainer.global_step > 0:
-                raise VLMError("no precomputed reference log-probabilities for the validation pairs of this run")
+                raise VLMError(
+                    "no precomputed reference log-probabilities for the validation pairs, and the model has trained "
+                    "since it was the reference: give data.val when the run starts"
+                )
             self._precompute("val")
 
     def _precompute(self, split: str) -> None:
@@ -157,6 +160,11 @@ class DPOModule(_PairModule):
                     f"pairs, but data has {size}: resume with the data the run started with"
                 )
             return
+        if self.trainer.ckpt_path is not None:  # resumed: the model is no longer the reference
+            raise VLMError(
+                f"the checkpoint has no precomputed reference log-probabilities of {split} pairs: resume with the data "
+                "and model.precompute_ref_log_probs the run started with"
+            )
         rank_zero_info(f"precomputing the reference's log-probabilities of {size} {split} pairs")
         table = torch.full((size, 2), float("nan"))
         for batch in loader:
@@ -173,10 +181,8 @@ class DPOModule(_PairModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        if self.precompute:
-            if "reference_log_probs" not in checkpoint:
-                raise VLMError("model.precompute_ref_log_probs: the checkpoint has no precomputed reference scores")
-            self.reference_table = dict(checkpoint["reference_log_probs"])
+        if self.precompute:  # checked against the data when fit starts (`_precompute`)
+            self.reference_table = dict(checkpoint.get("reference_log_probs", {}))
 
     def _pair_step(self, batch: dict[str, Any], stage: str) -> tuple[Tensor, Tensor, Tensor]:
         logps, tokens = _answer_logps(self.vlm, batch)
