@@ -12,12 +12,16 @@ import torch
 from lightning.pytorch import Callback
 from vlm.train.cli import main, make_cli
 from vlm.train.grpo import answer_mask
+from vlm.train.losses import dpo_loss
+from vlm.train.preference import _answer_logps
 from vlm.train.rewards import Rewards, RewardSpec, Rollout
 
 from vlm.checkpoint import load
 from vlm.data import RowError, read_pairs
 from vlm.errors import VLMError
+from vlm.llava.export import export_hf
 from vlm.reward import load_reward_model, reward
+from vlm.training_ckpt import import_ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ROOT / "samples" / "data" / "shapes-mini"
@@ -139,6 +143,7 @@ def test_reward_model_ranks_held_out_pairs(tmp_path, pairs):
         "--config", str(ROOT / "samples" / "configs" / "reward.yaml"),
         *tiny_args(tmp_path, pairs["separable_train"], pairs["separable_val"], 8),
         "--model.lr_head=1e-2", "--model.lr_decoder=1e-3", "--trainer.val_check_interval=8",
+        "--trainer.callbacks.init_args.every_n_train_steps=8",
     ]  # fmt: skip
     main(["fit-reward", *args])
     summary = reward(str(pairs["separable_val"]), str(tmp_path / "model"), output=str(tmp_path / "scored.jsonl"))
@@ -146,6 +151,12 @@ def test_reward_model_ranks_held_out_pairs(tmp_path, pairs):
     assert summary["pairs"] == 16 and summary["accuracy"] > 0.9 and summary["broken_rows"] == 0
     scored = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
     assert all(r["chosen_score"] > r["rejected_score"] for r in scored)
+    # vlm import-ckpt of the run's last checkpoint (step 8) gives the same reward model: the head comes along.
+    import_ckpt(str(tmp_path / "checkpoints" / "last.ckpt"), str(tmp_path / "imported"))
+    reward(str(pairs["separable_val"]), str(tmp_path / "imported"), output=str(tmp_path / "rescored.jsonl"))
+    assert (tmp_path / "rescored.jsonl").read_text() == (tmp_path / "scored.jsonl").read_text()
+    with pytest.raises(VLMError, match="is a reward model: transformers' LLaVA has no class for its scalar head"):
+        export_hf(str(tmp_path / "imported"), str(tmp_path / "hf"))  # the head would be lost
     # The reward model as one more GRPO reward: the same scores.
     rewards = Rewards([RewardSpec("reward_model", args={"path": str(tmp_path / "model")})])
     row = scored[0]
@@ -225,3 +236,71 @@ def test_pairs_from_a_models_mistakes(tmp_path, tiny_checkpoint):
         assert pair.chosen == row["answer"] and pair.rejected != row["answer"] and pair.row["type"] == row["type"]
         assert [p.resolve() for p in pair.images] == [SHAPES / row["image"]]
         assert not Path(pair.row["image"]).is_absolute()
+
+
+def test_grpo_resumes_exactly(tmp_path):
+    """A GRPO run crashed after its checkpoint and resumed with --ckpt_path last ends with the same weights as one
+    that ran straight through: the sampled answers (the RNG), optimizer, schedule and data position are restored."""
+    rows = [json.loads(line) for line in (SHAPES / "val.jsonl").read_text().splitlines()[:8]]
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({**r, "image": str(SHAPES / r["image"])}) + "\n" for r in rows))
+    args = [
+        "--config", str(ROOT / "samples" / "configs" / "grpo.yaml"),
+        *tiny_args(tmp_path / "a", data, data, 6),
+        "--model.rewards=[{name: format, args: {pattern: '(?s)[a-m].*'}}]",
+        "--model.lr_projector=1e-2", "--model.lr_decoder=1e-2", "--model.group_size=4", "--model.max_new_tokens=3",
+        "--data.batch_size=2", "--data.generate_samples=0",
+        "--trainer.val_check_interval=100", "--trainer.callbacks.init_args.every_n_train_steps=2",
+    ]  # fmt: skip
+    main(["fit-grpo", *args])
+    # 3 batches of 2 optimizer steps each; crashed at the 3rd batch (step 4), resumed from the checkpoint of step 4.
+    crashed = make_cli([*args, f"--trainer.default_root_dir={tmp_path / 'b'}"], run=False, method="fit-grpo")
+    crashed.trainer.callbacks.append(StopAt(4))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.trainer.fit(crashed.model, datamodule=crashed.datamodule)
+    main(["fit-grpo", *args, f"--trainer.default_root_dir={tmp_path / 'b'}", "--ckpt_path=last"])
+    a, b = load(tmp_path / "a" / "model")[0].state_dict(), load(tmp_path / "b" / "model")[0].state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+
+
+def test_dpo_with_precomputed_reference_log_probs(tmp_path, pairs):
+    """With model.precompute_ref_log_probs the run keeps no reference model: the starting model's log-probabilities
+    of every pair, computed once at fit start, equal the live reference's (to float noise: other batches, other
+    padding), and a resumed run reads them from its checkpoint rather than scoring with the trained model."""
+    args = [
+        "--config", str(ROOT / "samples" / "configs" / "dpo.yaml"),
+        *tiny_args(tmp_path / "a", pairs["wrong_train"], pairs["wrong_val"], 4),
+        "--model.lr_projector=5e-3", "--model.lr_decoder=5e-3", "--model.beta=0.5",
+        "--trainer.val_check_interval=100", "--trainer.callbacks.init_args.every_n_train_steps=2",
+    ]  # fmt: skip
+    cli = make_cli([*args, "--model.precompute_ref_log_probs=true"], run=False, method="fit-dpo")
+    assert cli.model.reference is None
+    cli.datamodule.processor = cli.model.processor
+    cli.datamodule.setup("fit")
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    live = cli.model._live_reference_logps(batch)  # the starting model: what a kept reference would give
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    b = batch["num_samples"]
+    policy, tokens = (x.detach() for x in _answer_logps(cli.model.vlm, batch))
+    losses = [
+        dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], tokens[:b], tokens[b:], 0.5)[0]
+        for ref in (cli.model._reference_logps(batch, "train"), live)
+    ]
+    assert torch.allclose(*losses, atol=1e-5) and not torch.equal(losses[0], losses[1].new_zeros(b))
+    assert len(cli.model.reference_table["val"]) == 16
+    saved = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert not any(k.startswith("reference.") for k in saved["state_dict"])
+    assert torch.equal(saved["reference_log_probs"]["train"], cli.model.reference_table["train"])
+    # Crashed at step 3 and resumed from step 2: the same model as the run that went straight through.
+    resumed = [*args, "--model.precompute_ref_log_probs=true", f"--trainer.default_root_dir={tmp_path / 'b'}"]
+    crashed = make_cli(resumed, run=False, method="fit-dpo")
+    crashed.trainer.callbacks.append(StopAt(3))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.trainer.fit(crashed.model, datamodule=crashed.datamodule)
+    main(["fit-dpo", *resumed, "--ckpt_path=last"])
+    a, b = load(tmp_path / "a" / "model")[0].state_dict(), load(tmp_path / "b" / "model")[0].state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+    # Resumed on other data, the saved scores do not fit: refused in one line, not recomputed with the trained model.
+    other = make_cli([*resumed, f"--data.train={pairs['wrong_val']}"], run=False, method="fit-dpo")
+    with pytest.raises(VLMError, match="^the checkpoint's reference log-probabilities are for 32 train pairs, but"):
+        other.trainer.fit(other.model, datamodule=other.datamodule, ckpt_path="last")

@@ -152,6 +152,8 @@ def make_cli(args: list[str], run: bool = True, method: str = "fit") -> VLMCLI:
     warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty")
     # Frozen parts are kept in eval mode on purpose (train/module.py): that is intended.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # GRPO (manual optimization) checkpoints the model after a batch's optimizer steps, with the step count: intended.
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
     quiet_lightning()
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them

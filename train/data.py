@@ -276,7 +276,7 @@ class VLMDataset(Dataset):
             try:
                 example, images = self.rows.get(i)
                 if self.pairs:
-                    sample = _encode_pair(self.processor, example, images, self.max_length)
+                    sample = {**_encode_pair(self.processor, example, images, self.max_length), "index": i}
                 else:
                     with_prompt = index < self.num_generate
                     sample = _encode(
@@ -706,6 +706,13 @@ class PairDataModule(VLMDataModule):
             seed=seed,
             generate_samples=0,
         )
+
+    def in_order(self, split: str) -> DataLoader | None:
+        """One pass over the pairs of `split` (train or val) in file order, or None if it has none."""
+        dataset = self.train_set if split == "train" else self.val_set
+        if dataset is None:
+            return None
+        return DataLoader(dataset, batch_size=self.val_batch_size, shuffle=False, **self._loader_kwargs())
 
 
 class PromptDataModule(VLMDataModule):

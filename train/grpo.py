@@ -9,33 +9,19 @@ with a KL penalty to the frozen reference (`vlm.train.losses.grpo_loss`) on that
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from vlm.train.losses import answer_logprobs, group_advantages, grpo_loss
-from vlm.train.module import VLMModule
+from vlm.train.module import VLMModule, eval_mode
 from vlm.train.rewards import Rewards, RewardSpec, Rollout
 
 from vlm.errors import VLMError
 from vlm.generation import GenerationOptions
 from vlm.model import VisionLanguageModel
 from vlm.processor import IGNORE_INDEX
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode (no dropout) for the block, then each back in the mode it was in."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.train(training)
 
 
 def answer_mask(new: Tensor, stop_ids: list[int]) -> Tensor:

@@ -14,10 +14,12 @@ Choices, said once:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from operator import itemgetter
 from pathlib import Path
@@ -70,6 +72,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode (no dropout) for the block, then each back in the mode it was in."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.train(training)
 
 
 def decay_split(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

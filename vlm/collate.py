@@ -220,8 +220,8 @@ class Collator:
 
 class PairCollator:
     """Preference pairs -> one right-padded batch of 2B rows, the B chosen conversations then the B rejected ones,
-    with `pixel_values` for both halves (each pair's images twice), `num_samples` (B pairs), `num_tokens` and `bad`
-    as `Collator` gives them."""
+    with `pixel_values` for both halves (each pair's images twice), `index` (B: each pair's row in its file),
+    `num_samples` (B pairs), `num_tokens` and `bad` as `Collator` gives them."""
 
     def __init__(self, processor: Processor):
         self.processor = processor
@@ -233,6 +233,7 @@ class PairCollator:
         pixels = _cat([s["pixel_values"] for s in samples])
         batch["pixel_values"] = torch.cat([pixels, pixels]) if pixels is not None else None
         batch["num_tokens"] = sum(len(i) for i in ids)
+        batch["index"] = torch.tensor([s["index"] for s in samples])
         batch["num_samples"] = len(samples)
         batch["bad"] = [b for s in samples for b in s["bad"]]
         return batch

@@ -19,12 +19,14 @@ from vlm.lora import LoraSettings, add_lora, merged_copy
 from vlm.model import VisionLanguageModel
 from vlm.model_card import TRAINING_FILE
 from vlm.processor import Processor
+from vlm.reward import save_head
 
 
 def export_state(meta: dict[str, Any], state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
     """Rebuilds the model from `meta` (`VLMModule.export_meta`), loads the module's `state_dict` (keys `vlm.*`),
     merges LoRA adapters, and writes a vlm checkpoint folder (atomically), plus `meta["training"]` (the run's
-    training record) as training.json when there is one."""
+    training record) as training.json when there is one, and a reward model's head (keys `head.*`, `vlm fit-reward`)
+    as `reward_head.safetensors`, so the folder is a reward model again."""
     processor = Processor.from_tensors(meta["processor_files"])
     model = VisionLanguageModel.from_config(VLMConfig.from_dict(meta["config"]), processor.tokenizer, pretrained=False)
     if meta.get("lora"):
@@ -37,6 +39,9 @@ def export_state(meta: dict[str, Any], state_dict: dict[str, torch.Tensor], out_
         )
     model = merged_copy(model).float().eval()
     out = save_checkpoint(model, out_dir, processor)
+    head = {k.removeprefix("head."): v for k, v in state_dict.items() if k.startswith("head.")}
+    if head:
+        save_head(head, out)
     if meta.get("training") is not None:
         write_json(out / TRAINING_FILE, meta["training"])
     return out

@@ -25,6 +25,7 @@ from vlm.llava.keys import ACTIVATIONS, ENCODER, llava_names, to_llava
 from vlm.llava.templates import for_list_content
 from vlm.model import VisionLanguageModel
 from vlm.processor import RESAMPLE, Processor
+from vlm.reward import HEAD_FILE
 
 # Export refuses a folder whose logits differ more than this from vlm's (fp32; they agree to ~1e-5 in practice).
 EXPORT_TOLERANCE = 1e-3
@@ -35,12 +36,18 @@ def export_hf(model_dir: str, out_dir: str) -> None:
 
     The folder loads with `LlavaForConditionalGeneration.from_pretrained` and `AutoProcessor.from_pretrained`
     and gives the same logits and greedy output as the vlm model. Needs a CLIP- or SigLIP-style timm ViT encoder
-    and the mlp projector, with sequence image positions; anything else is refused.
+    and the mlp projector, with sequence image positions; anything else is refused, and so is a reward model (LLaVA
+    has no place for its head).
 
     Args:
         model_dir: A vlm checkpoint folder.
         out_dir: The folder to write; must not exist yet, or be empty.
     """
+    if (Path(model_dir) / HEAD_FILE).is_file():
+        raise VLMError(
+            f"{model_dir} is a reward model: transformers' LLaVA has no class for its scalar head, so export-hf would "
+            "drop it; score with vlm reward --model DIR"
+        )
     out = free_folder(out_dir)
     model, processor = load(model_dir)
     _check_projector_and_positions(model.config)
