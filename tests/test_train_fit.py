@@ -366,7 +366,7 @@ class Losses(Callback):
         self.losses.append(outputs["loss"].item())
 
 
-@pytest.mark.slow  # compiling takes about 100 s on a busy 2-core CPU with aot_eager, over 10 minutes with inductor
+@pytest.mark.slow  # about 100 s each on a busy 2-core CPU; inductor over 10 minutes until its on-disk cache is warm
 @pytest.mark.parametrize(
     "backend",
     [

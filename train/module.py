@@ -133,9 +133,9 @@ class VLMModule(LightningModule):
         lora: Train LoRA adapters on the decoder instead of its weights: `true` for the defaults (r 16, alpha 32,
             dropout 0.05, all-linear), or the settings (`--model.lora.r 8`, ...; see `vlm.lora.LoraSettings`).
         max_new_tokens: Longest generated answer for validation accuracy.
-        compile: Compile the model's forward with `torch.compile` for this run (`vlm fit` and the other methods):
-            faster steps on a GPU after a first step that pays for compiling (slow on a CPU). Checkpoints and the
-            exported model are the same as without it.
+        compile: Compile the model's forward with `torch.compile` for this run: faster steps on a GPU once the first
+            steps have paid for compiling (minutes on a CPU). Checkpoints and the exported model are the same as
+            without it.
     """
 
     # Read by Lightning's ThroughputMonitor (see `configure_callbacks`): FLOPs are not counted, so the training logs
