@@ -87,6 +87,7 @@ def test_a_stage_can_deepen_the_decoder_and_move_the_images_after_the_text(tiny_
 def test_adamw_is_fused_on_cuda_only(module):
     assert adamw_options("cuda") == {"fused": True}
     assert adamw_options("cpu") == {} and adamw_options("mps") == {}
+    assert adamw_options("cuda", clips_mixed_precision=True) == {}  # Lightning would refuse to clip
     assert not module.configure_optimizers()["optimizer"].defaults["fused"]  # the module is on the CPU
     # Built with CUDA's options (fused AdamW also exists for CPU tensors, so no GPU is needed to build it).
     fused = torch.optim.AdamW(module.param_groups(), **adamw_options("cuda"))

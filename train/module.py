@@ -10,7 +10,8 @@ Choices, said once:
   (ndim 1) never decay.
 - Schedule: linear warmup from 0, then cosine decay to `min_lr_ratio` x the peak, stepped every optimizer step.
 - The loss is the model's mean cross-entropy over the batch's answer tokens.
-- AdamW runs fused (one kernel for all parameters) when the model is on CUDA, and as torch chooses elsewhere.
+- AdamW runs fused (one kernel for all parameters) when the model is on CUDA, except where gradients are clipped under
+  mixed precision (Lightning refuses that: a fused step unscales the gradients itself), and as torch chooses elsewhere.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
@@ -93,10 +95,11 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def adamw_options(device_type: str) -> dict[str, Any]:
-    """AdamW's implementation for parameters on this device type: fused on CUDA, torch's default (foreach on other
-    accelerators, a loop on the CPU) elsewhere."""
-    return {"fused": True} if device_type == "cuda" else {}
+def adamw_options(device_type: str, clips_mixed_precision: bool = False) -> dict[str, Any]:
+    """AdamW's implementation for parameters on this device type: fused on CUDA unless gradients are clipped under
+    mixed precision (Lightning refuses to clip for a fused optimizer there); torch's default otherwise (foreach on
+    accelerators, a loop on the CPU)."""
+    return {"fused": True} if device_type == "cuda" and not clips_mixed_precision else {}
 
 
 def lora_settings(lora: bool | LoraSettings | None) -> LoraSettings | None:
@@ -365,13 +368,21 @@ class VLMModule(LightningModule):
         groups = [g for g in self.param_groups() if g["params"]]
         if not groups:
             raise VLMError("nothing to train: every learning rate (model.lr_encoder/lr_projector/lr_decoder) is 0")
-        optimizer = torch.optim.AdamW(groups, betas=self.betas, **adamw_options(self.device.type))
+        device = self.device.type
+        clips = (
+            device == "cuda" and self.clips_gradients() and isinstance(self.trainer.precision_plugin, MixedPrecision)
+        )
+        optimizer = torch.optim.AdamW(groups, betas=self.betas, **adamw_options(device, clips))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(self.warmup * total) if self.warmup < 1 else int(self.warmup)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, warmup, total, self.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def clips_gradients(self) -> bool:
+        """Whether training clips gradients (`trainer.gradient_clip_val`; a method that clips its own says so)."""
+        return bool(self.trainer.gradient_clip_val)
 
     def forward(self, batch: dict[str, Any]):
         return self.vlm(
