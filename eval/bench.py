@@ -539,7 +539,7 @@ def _table(r: dict[str, Any]) -> str:
         eager, compiled = r["vlm"]["train"], r["vlm"]["train_compiled"]
         lines += [
             "",
-            f"{'training (vlm), the same step':<44}{'eager':>11}{'compiled':>11}{'comp/eager':>10}",
+            f"{'training (vlm), the same step':<44}{'eager':>11}{'compiled':>11}{'speedup':>10}",
             f"{'train samples/s':<44}{_fmt(eager['samples_per_s']):>11}{_fmt(compiled['samples_per_s']):>11}"
             f"{_fmt(compiled['speedup']):>10}",
             f"{'train memory MB (' + eager['memory_kind'] + ')':<44}{_fmt(eager['peak_memory_mb']):>11}"

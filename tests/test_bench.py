@@ -111,7 +111,7 @@ def test_bench_compiled_training_beside_eager(tmp_path, monkeypatch, capsys):
     eager, compiled = r["vlm"]["train"], r["vlm"]["train_compiled"]
     assert set(compiled) >= {"samples_per_s", "tokens_per_s", "mfu", "peak_memory_mb", "speedup"}
     assert compiled["speedup"] == pytest.approx(compiled["samples_per_s"] / eager["samples_per_s"])
-    assert "comp/eager" in capsys.readouterr().err
+    assert "training (vlm), the same step" in capsys.readouterr().err
 
 
 def test_bench_checkpoint_end_to_end(tiny_checkpoint: Path, tmp_path, capsys):
