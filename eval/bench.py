@@ -185,8 +185,37 @@ def _measure(net: nn.Module, processor: Processor, train_batch, gen_batches, sha
     """Training step and generation figures for one model (vlm or transformers' LLaVA: same call signatures)."""
     device, dtype, steps, warmup = args[:4]
     to = lambda b: {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in b.items()}  # noqa: E731
+    own = isinstance(net, VisionLanguageModel)
+    train = _train_figures(net, to(train_batch), shapes, device, steps, warmup, peak)
+    record = {"train": train}
+    if own and args[-1]:  # the same step through `torch.compile(net)` (the module itself stays eager); the first
+        compiled = torch.compile(net)  # warm-up step compiles
+        record["train_compiled"] = _train_figures(
+            compiled, to(train_batch), shapes, device, steps, max(warmup, 1), peak
+        )
+        record["train_compiled"]["speedup"] = train["step_s"] / record["train_compiled"]["step_s"]
+    net.eval()
+    stop = set(processor.stop_token_ids) | {processor.tokenizer.pad_token_id}
+    for path, setting in GENERATION_PATHS["vlm" if own else "baseline"].items():
+        if path == "generate_compiled" and not args[-1]:
+            continue
+        record[path] = _generation(net, processor, gen_batches, setting, to, args, stop)
+    return record
+
+
+def _train_figures(
+    net: nn.Module,
+    batch: dict[str, Any],
+    shapes: dict[str, Any],
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    peak: float,
+) -> dict[str, Any]:
+    """Step time, throughput, MFU and peak memory of AdamW training steps on `batch` (already on the device); the
+    first step's loss."""
     losses: list[float] = []
-    step = _train_step(net, to(train_batch), losses)
+    step = _train_step(net, batch, losses)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -196,8 +225,8 @@ def _measure(net: nn.Module, processor: Processor, train_batch, gen_batches, sha
     else:  # KiB on Linux, bytes on macOS; the whole process's peak so far, models before this one included
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         memory, memory_kind = rss / (2**20 if sys.platform == "darwin" else 2**10), "process peak RSS"
-    b = train_batch["input_ids"].shape[0]
-    train = {
+    b = batch["input_ids"].shape[0]
+    return {
         "step_s": step_s,
         "samples_per_s": b / step_s,
         "tokens_per_s": b * shapes["seq_len"] / step_s,
@@ -207,15 +236,6 @@ def _measure(net: nn.Module, processor: Processor, train_batch, gen_batches, sha
         "memory_kind": memory_kind,
         "first_loss": losses[0],
     }
-    net.eval()
-    own = isinstance(net, VisionLanguageModel)
-    stop = set(processor.stop_token_ids) | {processor.tokenizer.pad_token_id}
-    record = {"train": train}
-    for path, setting in GENERATION_PATHS["vlm" if own else "baseline"].items():
-        if path == "generate_compiled" and not args[-1]:
-            continue
-        record[path] = _generation(net, processor, gen_batches, setting, to, args, stop)
-    return record
 
 
 def _generation(net: nn.Module, processor: Processor, gen_batches, setting: Any, to, args, stop: set[int]) -> dict:
@@ -515,6 +535,16 @@ def _table(r: dict[str, Any]) -> str:
         extra += [(f"  start: {name.replace('_', ' ')} s", t) for name, t in e["start_s"].items() if name != "caption"]
         extra += [(f"vlm caption FOLDER: images/s ({e['folder_images']}, load incl.)", e["folder_images_per_s"])]
     lines += [f"{name:<44}{_fmt(value):>11}" for name, value in extra]
+    if "train_compiled" in r["vlm"]:
+        eager, compiled = r["vlm"]["train"], r["vlm"]["train_compiled"]
+        lines += [
+            "",
+            f"{'training (vlm), the same step':<44}{'eager':>11}{'compiled':>11}{'speedup':>10}",
+            f"{'train samples/s':<44}{_fmt(eager['samples_per_s']):>11}{_fmt(compiled['samples_per_s']):>11}"
+            f"{_fmt(compiled['speedup']):>10}",
+            f"{'train memory MB (' + eager['memory_kind'] + ')':<44}{_fmt(eager['peak_memory_mb']):>11}"
+            f"{_fmt(compiled['peak_memory_mb']):>11}",
+        ]
     p = r["packing"]
     if p is None:
         return "\n".join(lines)
@@ -586,8 +616,9 @@ def bench(
         pack_tokens: Longest packed row of the packing comparison (as data.pack_tokens in training); default:
             twice the mix's longest sample.
         baseline: Also measure transformers' LlavaForConditionalGeneration.
-        compile: Also time the own decode loop with its step compiled (torch.compile; on a CPU each batch size first
-            compiles for a minute or more, untimed).
+        compile: Also time vlm's training step through `torch.compile` (samples/s and peak memory beside eager's)
+            and the own decode loop with its step compiled (on a CPU each first compiles for a minute or more,
+            untimed).
         output: Write the JSON record to this file instead of stdout.
     """
     import timm

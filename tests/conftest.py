@@ -29,6 +29,20 @@ if TYPE_CHECKING:
 # when it is first imported, which happens after this file is loaded; subprocesses inherit it).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run the tests marked slow (minutes each on a CPU)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 # Tiny transformers configs of several causal-LM families; each spells its sizes its own way.
 DECODERS: dict[str, dict | None] = {
     "llama": None,  # the preset's own (SmolLM-shaped) Llama

@@ -97,6 +97,23 @@ def test_bench_tiny_record(tmp_path, monkeypatch, capsys):
     assert "padding fraction" in table and "pack/pad" in table and "rounds: 3" in table
 
 
+@pytest.mark.slow  # compiling the training step and the decode step: minutes on a CPU
+def test_bench_compiled_training_beside_eager(tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(bench_module.checkpoint, "DEFAULT_MODEL_DIR", tmp_path / "no-default-model")
+    compile = torch.compile  # Dynamo and AOTAutograd without inductor's C++ code generation
+    monkeypatch.setattr(torch, "compile", lambda *a, **kw: compile(*a, **{**kw, "backend": "aot_eager"}))
+    out = tmp_path / "bench.json"
+    args = dict(steps=2, warmup=1, rounds=1, gen_batch_sizes=[1], new_tokens=2, text_tokens=8, batch_size=2)
+    assert bench(preset="tiny", output=str(out), baseline=False, **args) == 0
+    r = json.loads(out.read_text())
+    eager, compiled = r["vlm"]["train"], r["vlm"]["train_compiled"]
+    assert set(compiled) >= {"samples_per_s", "tokens_per_s", "mfu", "peak_memory_mb", "speedup"}
+    assert compiled["speedup"] == pytest.approx(compiled["samples_per_s"] / eager["samples_per_s"])
+    assert "training (vlm), the same step" in capsys.readouterr().err
+
+
 def test_bench_checkpoint_end_to_end(tiny_checkpoint: Path, tmp_path, capsys):
     """A checkpoint folder is measured as given, and `vlm caption` is timed on it end to end."""
     assert bench(model=str(tiny_checkpoint), steps=1, warmup=0, gen_batch_sizes=[1], new_tokens=2, text_tokens=4,

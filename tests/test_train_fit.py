@@ -354,3 +354,54 @@ def test_fit_names_the_option_or_file_it_refuses(tmp_path, small_data):
     for args in (["--config", str(latin)], [f"--config={latin}"]):
         with pytest.raises(VLMError, match=f"^{latin} is not UTF-8 text \\(byte 0xe9 at offset 25\\)$"):
             main(["fit", *run_args(tmp_path, small_data), *args])
+
+
+class Losses(Callback):
+    """Records each training step's loss."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+
+@pytest.mark.slow  # about 100 s each on a busy 2-core CPU; inductor over 10 minutes until its on-disk cache is warm
+@pytest.mark.parametrize(
+    "backend",
+    [
+        # Dynamo's graph capture and AOTAutograd (what could change the numerics or the parameter names) without
+        # inductor's C++ code generation; then the default backend, inductor.
+        "aot_eager",
+        "inductor",
+    ],
+)
+def test_compiled_training_matches_eager_and_checkpoints_plain_names(tmp_path, small_data, monkeypatch, backend):
+    def losses(root: Path, steps: int, *extra: str, resume: bool = False) -> list[float]:
+        args = [
+            *run_args(root, small_data),
+            f"--trainer.max_steps={steps}",
+            "--trainer.num_sanity_val_steps=0",
+            "--trainer.callbacks.init_args.every_n_train_steps=2",
+            *extra,
+        ]
+        cli = make_cli(args, run=False)
+        record = Losses()
+        cli.trainer.callbacks.append(record)
+        last = root / "checkpoints" / "last.ckpt"
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=last if resume else None)
+        return record.losses
+
+    eager = losses(tmp_path / "eager", 3)
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda *a, **kw: compile(*a, **{**kw, "backend": backend}))
+    compiled = losses(tmp_path / "compiled", 2, "--model.compile=true")
+    # Resumed from the compiled run's step-2 checkpoint, compiled again.
+    compiled += losses(tmp_path / "compiled", 3, "--model.compile=true", resume=True)
+    print(f"losses: eager {eager}, compiled ({backend}) {compiled}")
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    ckpt = torch.load(tmp_path / "compiled" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert not [k for k in ckpt["state_dict"] if "_orig_mod" in k]
+    assert ckpt["vlm"]["training"]["compiled"] is True
+    a, b = (load(tmp_path / run / "model")[0].state_dict() for run in ("eager", "compiled"))
+    assert a.keys() == b.keys()

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from vlm.train.module import VLMModule, rng_state, set_rng_state, warmup_cosine
+from vlm.train.module import VLMModule, adamw_options, rng_state, set_rng_state, warmup_cosine
 
 from vlm.errors import VLMError
 
@@ -82,3 +82,13 @@ def test_a_stage_can_deepen_the_decoder_and_move_the_images_after_the_text(tiny_
     optimizer = m.configure_optimizers()["optimizer"]
     trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert id(m.vlm.decoder.model.layers[1].self_attn.o_proj.weight) in trained  # the new layers train
+
+
+def test_adamw_is_fused_on_cuda_only(module):
+    assert adamw_options("cuda") == {"fused": True}
+    assert adamw_options("cpu") == {} and adamw_options("mps") == {}
+    assert adamw_options("cuda", clips_mixed_precision=True) == {}  # Lightning would refuse to clip
+    assert not module.configure_optimizers()["optimizer"].defaults["fused"]  # the module is on the CPU
+    # Built with CUDA's options (fused AdamW also exists for CPU tensors, so no GPU is needed to build it).
+    fused = torch.optim.AdamW(module.param_groups(), **adamw_options("cuda"))
+    assert fused.defaults["fused"] is True

@@ -145,6 +145,9 @@ class GRPOModule(VLMModule):
 
     # ---- training ----
 
+    def clips_gradients(self) -> bool:
+        return self.max_grad_norm > 0
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         gen = batch["generate"]
         rollouts, answers = self._sample(gen)

@@ -10,6 +10,8 @@ Choices, said once:
   (ndim 1) never decay.
 - Schedule: linear warmup from 0, then cosine decay to `min_lr_ratio` x the peak, stepped every optimizer step.
 - The loss is the model's mean cross-entropy over the batch's answer tokens.
+- AdamW runs fused (one kernel for all parameters) when the model is on CUDA, except where gradients are clipped under
+  mixed precision (Lightning refuses that: a fused step unscales the gradients itself), and as torch chooses elsewhere.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
@@ -106,6 +109,13 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def adamw_options(device_type: str, clips_mixed_precision: bool = False) -> dict[str, Any]:
+    """AdamW's implementation for parameters on this device type: fused on CUDA unless gradients are clipped under
+    mixed precision (Lightning refuses to clip for a fused optimizer there); torch's default otherwise (foreach on
+    accelerators, a loop on the CPU)."""
+    return {"fused": True} if device_type == "cuda" and not clips_mixed_precision else {}
+
+
 def lora_settings(lora: bool | LoraSettings | None) -> LoraSettings | None:
     """`model.lora` as given (true, false, unset or the settings) -> the settings, or None for no adapters."""
     if lora is True:
@@ -140,6 +150,9 @@ class VLMModule(LightningModule):
         lora: Train LoRA adapters on the decoder instead of its weights: `true` for the defaults (r 16, alpha 32,
             dropout 0.05, all-linear), or the settings (`--model.lora.r 8`, ...; see `vlm.lora.LoraSettings`).
         max_new_tokens: Longest generated answer for validation accuracy.
+        compile: Compile the model's forward with `torch.compile` for this run: faster steps on a GPU once the first
+            steps have paid for compiling (minutes on a CPU). Checkpoints and the exported model are the same as
+            without it.
     """
 
     # Read by Lightning's ThroughputMonitor (see `configure_callbacks`): FLOPs are not counted, so the training logs
@@ -168,13 +181,14 @@ class VLMModule(LightningModule):
         gradient_checkpointing: bool = False,
         lora: bool | LoraSettings | None = None,
         max_new_tokens: int = 16,
+        compile: bool = False,
     ):
         super().__init__()
         self.lrs = {"encoder": lr_encoder, "projector": lr_projector, "decoder": lr_decoder}
         if any(lr < 0 for lr in self.lrs.values()):
             raise VLMError("learning rates must be >= 0 (0 freezes a part)")
         self.weight_decay, self.betas, self.warmup, self.min_lr_ratio = weight_decay, tuple(betas), warmup, min_lr_ratio
-        self.lora, self.max_new_tokens = lora_settings(lora), max_new_tokens
+        self.lora, self.max_new_tokens, self.compile_model = lora_settings(lora), max_new_tokens, compile
         # Where the weights started, for the training record (a full VLMConfig has no name: see config.json).
         name = None if init_from is not None else config if isinstance(config, str) else "custom"
         self._origin = {"config": name, "init_from": init_from, "pretrained": pretrained}
@@ -230,6 +244,12 @@ class VLMModule(LightningModule):
             workers = getattr(self.trainer.datamodule, "num_workers", 0) or 0
             budget = max(1, cores // max(1, self.trainer.num_devices) - workers)
             torch.set_num_threads(min(torch.get_num_threads(), budget))
+        if self.compile_model and stage == "fit":
+            # In place (`nn.Module.compile`): the module and its parameter names stay as they are, so state dicts,
+            # checkpoints and exports carry no `_orig_mod.` prefix. Here rather than in `__init__`, so a method's
+            # reference copy of the starting model (DPO, GRPO) is a plain module of its own. Validation runs the
+            # compiled forward too (one more compilation, for eval mode).
+            self.vlm.compile()
 
     # ---- what a checkpoint carries beyond the weights ----
 
@@ -289,6 +309,7 @@ class VLMModule(LightningModule):
                 accumulate_grad_batches=accumulate,
                 global_batch_size=batch * accumulate * trainer.world_size if batch else None,
                 precision=str(trainer.precision),
+                compiled=self.compile_model,
                 accelerator=trainer.strategy.root_device.type,
                 devices=trainer.num_devices,
                 num_nodes=trainer.num_nodes,
@@ -361,13 +382,21 @@ class VLMModule(LightningModule):
         groups = [g for g in self.param_groups() if g["params"]]
         if not groups:
             raise VLMError("nothing to train: every learning rate (model.lr_encoder/lr_projector/lr_decoder) is 0")
-        optimizer = torch.optim.AdamW(groups, betas=self.betas)
+        device = self.device.type
+        clips = (
+            device == "cuda" and self.clips_gradients() and isinstance(self.trainer.precision_plugin, MixedPrecision)
+        )
+        optimizer = torch.optim.AdamW(groups, betas=self.betas, **adamw_options(device, clips))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(self.warmup * total) if self.warmup < 1 else int(self.warmup)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, warmup, total, self.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def clips_gradients(self) -> bool:
+        """Whether training clips gradients (`trainer.gradient_clip_val`; a method that clips its own says so)."""
+        return bool(self.trainer.gradient_clip_val)
 
     def forward(self, batch: dict[str, Any]):
         return self.vlm(

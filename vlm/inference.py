@@ -1,7 +1,8 @@
 """Batch inference: files, folders and JSONL rows turned into items, answered `batch_size` at a time.
 
 The inference commands (`vlm caption`, `vlm ask`), `vlm eval` and the lmms-eval adapter all run their rows through
-`run_items`; a bad row becomes an item with an error and the run goes on.
+`run_items`; a bad row becomes an item with an error and the run goes on. Rows are batched by prompt length, so a
+batch pads its prompts to about the same length, and come out in input order.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from typing import Any, Literal
 
 from vlm.errors import VLMError
 from vlm.generation import GenerationOptions, generate_texts
+
+# Rows are sorted by prompt length within windows of this many batches: most of the padding that sorting a whole run
+# would save, while results still come out (and are written) every window rather than only at the end.
+SORT_WINDOW = 16
 
 Device = str  # auto, cpu, cuda or cuda:N: any name of a device this machine has (`vlm.checkpoint.resolve_device`)
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -93,10 +98,30 @@ def _load_pixels(item: Item) -> None:
         item.error = str(e)
 
 
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Batches of indices into `lengths` (prompt lengths in tokens), shortest first, ties in input order. A batch pads
+    each prompt to its longest, so neighbours in length waste the least."""
+    ordered = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def _prompt_length(processor, item: Item) -> int:
+    """Tokens of the item's prompt with its images (those of a `source` are not counted: reading them waits for the
+    item's batch); 0 for an item that will not be answered, or whose prompt fails (answering reports why)."""
+    if item.error is not None:
+        return 0
+    try:
+        return len(processor.prompt(item.prompt, len(item.images), placeholders=item.placeholders))
+    except VLMError:
+        return 0
+
+
 def run_items(
     items: list[Item], model, processor, gen: GenerationOptions, batch_size: int, stream: bool = False
 ) -> Iterator[Item]:
-    """Answers items in input order, `batch_size` at a time; a bad item gets an error and the run goes on.
+    """Answers items `batch_size` at a time and yields them in input order; a bad item gets an error and the run goes
+    on. Within each window of `SORT_WINDOW` batches, items are batched by prompt length (`length_batches`), and the
+    window's items are yielded once all of its batches are done.
 
     Each item is yielded with `prediction` or `error` set; its images are released once its batch is done.
     """
@@ -108,24 +133,27 @@ def run_items(
         raise VLMError("batch_size must be at least 1")
     max_pixels()  # a bad VLM_MAX_IMAGE_PIXELS is one error for the run, not one for every item
     bar = tqdm(total=len(items), unit="item", disable=len(items) < 2 or None, file=sys.stderr)
-    for start in range(0, len(items), batch_size):
-        batch = items[start : start + batch_size]
-        for item in batch:
-            if item.error is None:
-                _load_pixels(item)
-        good = [it for it in batch if it.error is None]
-        try:
-            _answer(good, model, processor, gen, stream)
-        except VLMError:  # e.g. one over-long prompt: find it by answering one at a time
-            for it in good:
-                try:
-                    _answer([it], model, processor, gen, stream)
-                except VLMError as e:
-                    it.error = str(e)
-        bar.update(len(batch))
-        for it in batch:
-            it.pixels = []  # keeps memory flat over a long run
-        yield from batch
+    span = SORT_WINDOW * batch_size
+    for start in range(0, len(items), span):
+        window = items[start : start + span]
+        for indices in length_batches([_prompt_length(processor, it) for it in window], batch_size):
+            batch = [window[i] for i in indices]
+            for item in batch:
+                if item.error is None:
+                    _load_pixels(item)
+            good = [it for it in batch if it.error is None]
+            try:
+                _answer(good, model, processor, gen, stream)
+            except VLMError:  # e.g. one over-long prompt: find it by answering one at a time
+                for it in good:
+                    try:
+                        _answer([it], model, processor, gen, stream)
+                    except VLMError as e:
+                        it.error = str(e)
+            bar.update(len(batch))
+            for it in batch:
+                it.pixels = []  # keeps memory flat over a long run
+        yield from window
     bar.close()
 
 
