@@ -1,4 +1,4 @@
-"""The README's Layout section names every module of the packages, so a newcomer finds each part by its name."""
+"""docs/layout.md names every module of the packages, so a newcomer finds each part by its name."""
 
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def layout_block() -> str:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
-    return re.search(r"```\n(.*?)```", section, re.S).group(1)
+    text = (ROOT / "docs" / "layout.md").read_text(encoding="utf-8")
+    return re.search(r"```\n(.*?)```", text, re.S).group(1)
 
 
-def test_the_readme_layout_names_every_module_and_folder():
+def test_the_layout_names_every_module_and_folder():
     block = layout_block()
     named = set(re.findall(r"[\w.]+\.py|[\w]+/", block))
     missing = []
