@@ -176,12 +176,19 @@ def test_answer_mask_ends_at_the_first_stop_token():
     assert answer_mask(new, [2]).tolist() == [[True, True, False, False], [True, True, True, True]]
 
 
+def shapes_questions(path: Path, count: int) -> list[dict]:
+    """The first `count` rows of the mini shapes questions, written to `path` with absolute image paths."""
+    rows = [json.loads(line) for line in (SHAPES / "val.jsonl").read_text().splitlines()[:count]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({**r, "image": str(SHAPES / r["image"])}) + "\n" for r in rows))
+    return rows
+
+
 def test_grpo_raises_the_reward_of_an_easy_rule(tmp_path):
     """The reward is 1 for answers whose first letter is in a-m: about half of a random model's answers, and GRPO's
     few steps make it more."""
-    rows = [json.loads(line) for line in (SHAPES / "val.jsonl").read_text().splitlines()[:16]]
     data = tmp_path / "q.jsonl"
-    data.write_text("".join(json.dumps({**r, "image": str(SHAPES / r["image"])}) + "\n" for r in rows))
+    shapes_questions(data, 16)
     args = [
         "--config", str(ROOT / "samples" / "configs" / "grpo.yaml"),
         *tiny_args(tmp_path, data, data, 8),
@@ -221,16 +228,15 @@ def test_grpo_refuses_an_unknown_reward(tmp_path):
 def test_pairs_from_a_models_mistakes(tmp_path, tiny_checkpoint):
     from vlm.eval.mistakes import generate_preference
 
-    rows = [json.loads(line) for line in (SHAPES / "val.jsonl").read_text().splitlines()[:6]]
-    rows.append({"image": rows[0]["image"], "caption": "not a question"})
-    (tmp_path / "data").mkdir()
     data = tmp_path / "data" / "q.jsonl"
-    data.write_text("".join(json.dumps({**r, "image": str(SHAPES / r["image"])}) + "\n" for r in rows))
+    rows = shapes_questions(data, 6)
+    with data.open("a") as f:  # a caption row, which is no question to make pairs from
+        f.write(json.dumps({"image": str(SHAPES / rows[0]["image"]), "caption": "not a question"}) + "\n")
     out = tmp_path / "pairs" / "train.jsonl"
     summary = generate_preference(str(data), str(out), str(tiny_checkpoint), samples=2, device="cpu")
     pairs = list(read_pairs(out))
     assert summary["skipped_rows"] == 1 and summary["questions"] == 6 and summary["pairs"] == len(pairs) > 0
-    by_question = {r["question"]: r for r in rows[:6]}
+    by_question = {r["question"]: r for r in rows}
     for pair in pairs:  # chosen: the reference; rejected: a wrong answer of the model; the row's fields and image kept
         row = by_question[pair.prompt]
         assert pair.chosen == row["answer"] and pair.rejected != row["answer"] and pair.row["type"] == row["type"]
@@ -241,9 +247,8 @@ def test_pairs_from_a_models_mistakes(tmp_path, tiny_checkpoint):
 def test_grpo_resumes_exactly(tmp_path):
     """A GRPO run crashed after its checkpoint and resumed with --ckpt_path last ends with the same weights as one
     that ran straight through: the sampled answers (the RNG), optimizer, schedule and data position are restored."""
-    rows = [json.loads(line) for line in (SHAPES / "val.jsonl").read_text().splitlines()[:8]]
     data = tmp_path / "q.jsonl"
-    data.write_text("".join(json.dumps({**r, "image": str(SHAPES / r["image"])}) + "\n" for r in rows))
+    shapes_questions(data, 8)
     args = [
         "--config", str(ROOT / "samples" / "configs" / "grpo.yaml"),
         *tiny_args(tmp_path / "a", data, data, 6),
