@@ -257,6 +257,22 @@ def create_app(model, processor, settings: ServerSettings) -> FastAPI:
         card = {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "vlm"}
         return {"object": "list", "data": [card]}
 
+    def prompt_length(question: str, num_images: int, history, new_tokens: int, new_what: str) -> int:
+        """The prompt's length in tokens (images included), checked to fit the context with `new_tokens` more."""
+        try:
+            prompt_tokens = len(processor.prompt(question, num_images, history))
+        except VLMError as e:
+            raise RequestError(400, str(e), "messages") from None
+        if not batcher.fits(prompt_tokens, new_tokens):
+            raise RequestError(
+                400,
+                f"the prompt is {prompt_tokens} tokens (images included); with {new_what} that exceeds the model's "
+                f"context of {batcher.context} tokens",
+                "messages",
+                "context_length_exceeded",
+            )
+        return prompt_tokens
+
     def prepare(body: ChatRequest) -> tuple[Turns, int, list]:
         """The request's turns, prompt length and images (in a worker thread: images take time to decode)."""
         turns = body.turns(processor.caption_prompt)
@@ -267,19 +283,10 @@ def create_app(model, processor, settings: ServerSettings) -> FastAPI:
                 "messages",
                 "too_many_images",
             )
-        try:
-            prompt_tokens = len(processor.prompt(turns.question, len(turns.image_urls), turns.history))
-        except VLMError as e:
-            raise RequestError(400, str(e), "messages") from None
         max_tokens = body.new_tokens(DEFAULT_MAX_NEW_TOKENS)
-        if not batcher.fits(prompt_tokens, max_tokens):
-            raise RequestError(
-                400,
-                f"the prompt is {prompt_tokens} tokens (images included); with max_tokens {max_tokens} that exceeds "
-                f"the model's context of {batcher.context} tokens",
-                "messages",
-                "context_length_exceeded",
-            )
+        prompt_tokens = prompt_length(
+            turns.question, len(turns.image_urls), turns.history, max_tokens, f"max_tokens {max_tokens}"
+        )
         images = [read_image(url, i + 1, settings.allowed_image_dir) for i, url in enumerate(turns.image_urls)]
         return turns, prompt_tokens, images
 
@@ -349,21 +356,10 @@ def create_app(model, processor, settings: ServerSettings) -> FastAPI:
         """The question, the image, the prompt's length and the answer's (most) tokens, checked (in a worker
         thread)."""
         question, url = body.turn(processor.caption_prompt)
-        try:
-            prompt_tokens = len(processor.prompt(question, 1))
-        except VLMError as e:
-            raise RequestError(400, str(e), "messages") from None
         answer_tokens = (
             len(processor.text_ids(body.answer.strip())) if body.answer else body.max_tokens or DEFAULT_MAX_NEW_TOKENS
         )
-        if not batcher.fits(prompt_tokens, answer_tokens):
-            raise RequestError(
-                400,
-                f"the prompt ({prompt_tokens} tokens, the image included) and the answer ({answer_tokens} tokens) "
-                f"exceed the model's context of {batcher.context} tokens",
-                "messages",
-                "context_length_exceeded",
-            )
+        prompt_tokens = prompt_length(question, 1, None, answer_tokens, f"an answer of {answer_tokens} tokens")
         return question, read_image(url, 1, settings.allowed_image_dir), prompt_tokens, answer_tokens
 
     @app.post(EXPLAIN_PATH, dependencies=[Depends(check_key)])
